@@ -23,14 +23,13 @@ from typing import Optional
 import torch
 from torch import nn
 from zennit import rules as zennit_rules
-from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import COMPOSITES, register_composite
 from zennit.core import Composite, Hook
 from zennit.rules import Norm, Pass
 from zennit.types import Activation, AvgPool
 
 from lrp_brain import rules as fast_rules
-from lrp_brain.canonizers import MergeBatchNormIntoNext
+from lrp_brain.canonizers import MergeBatchNormIntoNext, MergeBatchNormIntoPrevious
 
 #: Stabiliser added (with the sign of the denominator) by every rule whose own parameter does not stabilise it: LRP-0
 #: and LRP-ε with ε = 0, LRP-γ, z^B and Norm. It is Zennit's default.
@@ -214,8 +213,8 @@ class VGGComposite(Composite):
         own :mod:`zennit.rules`.
     canonizers: list of zennit.canonizers.Canonizer, optional
         Canonizers applied before the rules. The default merges every BatchNorm into the convolution or linear
-        layer before it (Zennit's VGG canonizer) and a BatchNorm that follows an activation into the linear layer
-        after it.
+        layer before it (as Zennit's VGG canonizer does, but exactly: zennit 0.5.1's merge leaves a factor
+        1/sqrt(1 + eps)) and a BatchNorm that follows an activation into the linear layer after it.
     allow_negative: bool
         Accept negative ε and γ. Only for reproducing the seed study's grid; such settings are not LRP.
     """
@@ -248,7 +247,7 @@ class VGGComposite(Composite):
         self.zero_bias = bool(zero_bias)
         self.fast = bool(fast)
         if canonizers is None:
-            canonizers = [SequentialMergeBatchNorm(), MergeBatchNormIntoNext()]
+            canonizers = [MergeBatchNormIntoPrevious(), MergeBatchNormIntoNext()]
         self._hooks = {}
         super().__init__(module_map=self._module_map, canonizers=canonizers)
 

@@ -1,0 +1,132 @@
+"""``lrp-brain sweep``: chosen on validation, reported on test, equal to single evaluations, and kill-safe."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lrp_brain.data import Transform
+from lrp_brain.evaluate import evaluate, open_source
+from lrp_brain.model import default_meta, save_checkpoint, vgg16_small
+from lrp_brain.phantom import write_phantoms
+from lrp_brain.sweep import SEED_STUDY, run_sweep
+
+pytestmark = pytest.mark.zennit_both
+
+EPSILONS, GAMMAS = (0., 0.25, 10.), (0., 0.1, 1.)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('sweep')
+    data = folder / 'phantoms'
+    write_phantoms(data, 60, seed=7, sizes=(64,), quiet=True)
+    torch.manual_seed(1)
+    model = vgg16_small(width=4)
+    for module in model.modules():  # He initialisation and non-zero biases: relevance well above rounding
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight)
+            torch.nn.init.normal_(module.bias, std=0.05)
+    meta = {**default_meta('vgg16', 4), 'transform': Transform(size=32).to_dict(), 'input_size': 32}
+    checkpoint = folder / 'model.pt'
+    save_checkpoint(checkpoint, model, meta)
+    return folder, str(data), str(checkpoint)
+
+
+def read_csv(path):
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope='module')
+def result(setup):
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    return run_sweep(source, EPSILONS, GAMMAS, out=str(folder / 'full'), progress=False, batch_size=4)
+
+
+def test_outputs_and_honest_choice(setup, result):
+    folder = setup[0] / 'full'
+    table = read_csv(folder / 'sweep.csv')
+    assert [(float(row['epsilon']), float(row['gamma'])) for row in table] == \
+        [(epsilon, gamma) for epsilon in EPSILONS for gamma in GAMMAS]
+    best = max(table, key=lambda row: float(row['val_iou']))
+    choice = json.loads((folder / 'choice.json').read_text())
+    assert choice['selected_on'] == 'val' and choice['reported_on'] == 'test'
+    assert (choice['best']['epsilon'], choice['best']['gamma']) == (float(best['epsilon']), float(best['gamma']))
+    assert choice['test']['iou']['overall']['mean'] == pytest.approx(float(best['test_iou']))
+    assert (folder / 'heatmap.png').stat().st_size > 0
+    # the choice is the validation optimum even where the test optimum differs
+    assert result.best['val_iou'] == max(row['val_iou'] for row in result.table)
+
+
+@pytest.mark.parametrize('epsilon, gamma', [(0.25, 0.1), (10., 0.)])
+def test_sweep_equals_single_evaluations(setup, result, epsilon, gamma):
+    """The engine's numbers equal the composite's, through the whole evaluate path."""
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    row = next(row for row in result.table if (row['epsilon'], row['gamma']) == (epsilon, gamma))
+    for part in ('val', 'test'):
+        _, summary = evaluate(source, part, epsilon=epsilon, gamma=gamma, progress=False, batch_size=4)
+        assert row[f'{part}_iou'] == pytest.approx(summary['iou']['overall']['mean'], rel=1e-5)
+        assert row[f'{part}_n'] == summary['iou']['overall']['n']
+
+
+def test_killed_sweep_resumes_to_the_same_table(setup, result):
+    folder, data, checkpoint = setup
+    out = folder / 'killed'
+    command = [sys.executable, '-m', 'lrp_brain', 'sweep', '--data', data, '--checkpoint', checkpoint,
+               '--eps', ','.join(map(str, EPSILONS)), '--gamma', ','.join(map(str, GAMMAS)), '--out', str(out),
+               '--batch-size', '4', '--device', 'cpu', '--quiet']
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / 'val.rows.jsonl'
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / 'sweep.csv').exists(), 'the sweep finished before it could be killed'
+
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    table = read_csv(out / 'sweep.csv')
+    reference = read_csv(setup[0] / 'full' / 'sweep.csv')
+    assert len(table) == len(EPSILONS) * len(GAMMAS)
+    assert table == reference
+    for part in ('val', 'test'):
+        files = [json.loads(line)['file'] for line in (out / f'{part}.rows.jsonl').read_text().splitlines()]
+        assert len(files) == len(set(files)) == len(getattr(open_source(checkpoint, data, quiet=True).split, part))
+
+
+def test_seed_study_grid_is_the_studys():
+    assert SEED_STUDY['epsilons'] == SEED_STUDY['gammas'] == tuple(range(-100, 101, 20))
+    assert SEED_STUDY['quantiles'] == (0.95,) and SEED_STUDY['size'] == 256
+    assert (SEED_STUDY['split_method'], SEED_STUDY['split_seed']) == ('random', 42)
+
+
+def test_seed_study_preset_states_its_bias(setup, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from lrp_brain.cli import main
+
+    # the study's protocol on a 3x3 corner of its grid (the full 11x11 grid at 256 px takes minutes here)
+    monkeypatch.setitem(SEED_STUDY, 'epsilons', (-100., 0., 100.))
+    monkeypatch.setitem(SEED_STUDY, 'gammas', (-100., 0., 100.))
+    folder, data, checkpoint = setup
+    out = tmp_path / 'study'
+    result = CliRunner().invoke(main, ['sweep', '--seed-study', '--data', data, '--checkpoint', checkpoint,
+                                       '--out', str(out), '--quiet', '--device', 'cpu', '--batch-size', '8'])
+    assert result.exit_code == 0, result.output
+    assert 'biased' in result.output and 'patient' in result.output
+    choice = json.loads((out / 'choice.json').read_text())
+    assert choice['split']['method'] == 'random' and choice['split']['seed'] == 42
+    assert choice['grid']['epsilons'][0] == -100 and choice['grid']['quantiles'] == [0.95]
+    assert choice['grid']['input_size'] == 256
+    assert 'study_choice' in choice and choice['selected_on'] == 'val'
+    assert len(read_csv(out / 'sweep.csv')) == 9
