@@ -196,7 +196,7 @@ def _methods(model, low, high, notes):
         engine = SweepEngine(model, SWEEP_VALUES, SWEEP_VALUES, low, high)
         settings = len(SWEEP_VALUES) ** 2
         methods.append(('lrp_brain sweep', engine.relevance, settings,
-                        f'{len(SWEEP_VALUES)}x{len(SWEEP_VALUES)} grid, per setting'))
+                        f'{len(SWEEP_VALUES)}x{len(SWEEP_VALUES)} grid: time per setting, memory per call'))
     return methods
 
 
@@ -274,7 +274,7 @@ def _versions():
 
 
 def run_bench(device='cpu', batch=1, size=224, repeats=5, arch='vgg16', width=None, seed=0, warmup=1, memory=True,
-              quiet=False):
+              threads=None, quiet=False):
     """Time (and measure the memory of) every method on one model and one batch; see the module's docstring.
 
     Parameters
@@ -293,6 +293,8 @@ def run_bench(device='cpu', batch=1, size=224, repeats=5, arch='vgg16', width=No
         Untimed calls of every method first.
     memory: bool
         Also measure each method's peak memory (one more call each).
+    threads: int, optional
+        CPU threads of torch for the run (restored afterwards); default: as set.
     quiet: bool
         No progress bar.
 
@@ -303,16 +305,25 @@ def run_bench(device='cpu', batch=1, size=224, repeats=5, arch='vgg16', width=No
     Raises
     ------
     BenchError
-        For a non-positive batch, size, repeats or a negative warmup, or a device that does not exist here.
+        For a batch, size, repeats, warmup or threads out of range, or a device that does not exist here.
     """
     for name, value, lowest in (('batch', batch, 1), ('size', size, 32), ('repeats', repeats, 1),
-                                ('warmup', warmup, 0)):
+                                ('warmup', warmup, 0), ('threads', 1 if threads is None else threads, 1)):
         if isinstance(value, bool) or int(value) != value or value < lowest:
             raise BenchError(f'{name} must be an integer >= {lowest}, got {value!r}')
     try:
         device = resolve_device(device)
     except ValueError as error:
         raise BenchError(str(error)) from error
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(previous_threads if threads is None else int(threads))
+    try:
+        return _run(device, batch, size, repeats, arch, width, seed, warmup, memory, quiet)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(device, batch, size, repeats, arch, width, seed, warmup, memory, quiet):
     model = bench_model(arch, width, seed).to(device)
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, 3, size, size, generator=generator).to(device)
@@ -340,7 +351,7 @@ def run_bench(device='cpu', batch=1, size=224, repeats=5, arch='vgg16', width=No
     if memory:
         notes.append(MEMORY_NOTE_CUDA if device.type == 'cuda' else MEMORY_NOTE_CPU)
     settings = dict(arch=arch, width=width, batch=batch, size=size, repeats=repeats, warmup=warmup, seed=seed,
-                    device=str(device))
+                    device=str(device), threads=torch.get_num_threads())
     return BenchResult(tuple(rows), device_name(device), settings, _versions(), tuple(notes))
 
 

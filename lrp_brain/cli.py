@@ -353,9 +353,10 @@ def data_command(context, source, split_file, method, seed, skip_bad, quiet):
 @click.option('--width', type=click.IntRange(min=1),
               help='A width-reduced model (channels w, 2w, 4w, 8w, 8w) for quick runs. Default: full size.')
 @click.option('--seed', type=int, default=0, show_default=True, help='Seed of the weights, images and targets.')
+@click.option('--threads', type=click.IntRange(min=1), help='CPU threads of torch. Default: torch\'s own setting.')
 @click.option('--no-memory', is_flag=True, help='Skip the peak-memory measurement (one extra call per method).')
 @click.option('--quiet', is_flag=True, help='No progress bar.')
-def bench_command(device, batch, size, repeats, warmup, arch, width, seed, no_memory, quiet):
+def bench_command(device, batch, size, repeats, warmup, arch, width, seed, threads, no_memory, quiet):
     """Time LRP on one VGG with random weights and one batch, method against method: the plain gradient, Zennit's
     EpsilonGammaBox, Zennit's rules in the seed mapping, Captum's LRP (if installed), the project composite and
     one ε×γ sweep step per setting. Prints medians, ratios to the gradient, images/s and peak memory."""
@@ -363,7 +364,7 @@ def bench_command(device, batch, size, repeats, warmup, arch, width, seed, no_me
 
     try:
         result = run_bench(device=device, batch=batch, size=size, repeats=repeats, arch=arch, width=width, seed=seed,
-                           warmup=warmup, memory=not no_memory, quiet=quiet)
+                           warmup=warmup, memory=not no_memory, threads=threads, quiet=quiet)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     click.echo(format_bench(result))

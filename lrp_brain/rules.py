@@ -13,9 +13,12 @@ or a matrix product):
 
 - LRP-ε: ``R = x ⊙ Wᵀ (g / s(z))`` with the stabiliser ``s``: no modified forward at all.
 - LRP-γ, inputs ``x ≥ 0`` (after a ReLU or max-pool, checked at run time): with ``W⁺ = W + γ·max(W, 0)`` and
-  ``b⁺`` likewise, ``R = x ⊙ W⁺ᵀ ([z > 0] g / s(W⁺x + b⁺))``: one modified forward instead of five.
-- LRP-γ with inputs of both signs, and z^B: Zennit's generalised formulas, each sum of layers computed as one layer
-  on channel-stacked inputs.
+  ``b⁺`` likewise, ``R = x ⊙ W⁺ᵀ ([z > 0] g / s(W⁺x + b⁺))``: one modified forward instead of five. The part of
+  Zennit's generalised rule for negative outputs is added only when ``g`` is non-zero where ``z ≤ 0`` (never behind
+  a ReLU), which one reduction tells.
+- LRP-γ with inputs of both signs (the first layer, or any layer after a signed one) and z^B: Zennit's generalised
+  formulas written out; z^B's two bound terms are one layer call on channel-stacked inputs, its three transposed
+  passes one call with stacked weights.
 
 Modified weights are computed once per forward call, elementwise steps run in place on tensors the rule owns, and
 only what the backward needs is kept. The hooked layers' parameters get no gradient: their autograd node is cut out.
@@ -158,8 +161,10 @@ class _RuleNode(torch.autograd.Function):
     """Stand-in for a hooked layer's autograd node: passes the output on, returns the rule's relevance backwards."""
     @staticmethod
     def forward(ctx, rule, module, input, output):
-        ctx.rule, ctx.module = rule, module
-        ctx.save_for_backward(input, *rule.prepare(module, input, output))
+        saved, workspace = rule.prepare(module, input, output)
+        ctx.save_for_backward(input, *saved)
+        # the workspace is scratch memory for the backward, overwritten there: no saved-tensor version check
+        ctx.rule, ctx.module, ctx.workspace = rule, module, workspace
         # a new tensor object, not ``output`` itself: in-place operations after the layer stay allowed
         return output.detach()
 
@@ -167,7 +172,7 @@ class _RuleNode(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, *saved = ctx.saved_tensors
         if ctx.rule.active:
-            relevance = ctx.rule.relevance(ctx.module, input, grad_output, *saved)
+            relevance = ctx.rule.relevance(ctx.module, input, grad_output, ctx.workspace, *saved)
         else:
             relevance, = layer_backward(ctx.module, input, (ctx.module.weight,), grad_output)
         return None, None, relevance, None
@@ -177,7 +182,9 @@ class FastRule(Hook):
     """Base of the fast rules: a Zennit hook that replaces its layer's autograd node by one that returns relevance.
 
     Subclasses implement :meth:`prepare` (in the forward pass: the tensors the backward needs), :meth:`relevance`
-    (the backward) and :meth:`copy`.
+    (the backward) and :meth:`copy`. A large allocation costs more than a pass over its memory (fresh pages are
+    zeroed by the kernel), so a tensor the forward needed only for a while is handed on as the backward's workspace
+    instead of being allocated again there.
 
     Parameters
     ----------
@@ -215,11 +222,13 @@ class FastRule(Hook):
         return weight, bias
 
     def prepare(self, module, input, output):
-        """Return the tensors the backward needs; runs in the forward pass, without autograd."""
+        """Return ``(saved, workspace)``: the tensors the backward needs, and a tensor shaped like ``output`` it may
+        overwrite (or ``None``). Runs in the forward pass, without autograd."""
         raise NotImplementedError
 
-    def relevance(self, module, input, grad_output, *saved):
-        """Return the relevance of ``input`` from the upper relevance ``grad_output`` and :meth:`prepare`'s tensors."""
+    def relevance(self, module, input, grad_output, workspace, *saved):
+        """Return the relevance of ``input`` from the upper relevance ``grad_output`` and :meth:`prepare`'s
+        tensors."""
         raise NotImplementedError
 
 
@@ -245,9 +254,9 @@ class Epsilon(FastRule):
         weight, bias = self.parameters(module)
         if weight is not module.weight or bias is not module.bias:
             output = layer_forward(module, (input,), (weight,), bias)
-        return weight, stabilize(output, self.epsilon)
+        return (weight, stabilize(output, self.epsilon)), None
 
-    def relevance(self, module, input, grad_output, weight, denominator):
+    def relevance(self, module, input, grad_output, workspace, weight, denominator):
         gradient, = layer_backward(module, input, (weight,), grad_output / denominator)
         return gradient.mul_(input)
 
@@ -292,7 +301,7 @@ class Gamma(FastRule):
         return modify(weight), None if bias is None else modify(bias)
 
     def _masked_denominator(self, module, inputs, weights, bias, output, sign):
-        """Return ``s(Σ_k layer(inputs[k]; weights[k]) + bias) / [sign·output > 0]``.
+        """Return ``s(Σ_k layer(inputs[k]; weights[k]) + bias) / [sign·output > 0]`` and the mask's memory.
 
         Dividing by the mask puts ``±inf`` where the output does not have the sign, so ``g / denominator`` is the
         masked, normalised relevance in one step.
@@ -303,27 +312,30 @@ class Gamma(FastRule):
             total += layer_forward(module, (input,), (weight,), None)
         compare = torch.gt if sign > 0 else torch.lt
         if callable(self.stabilizer):
-            denominator = self.stabilizer(total)
-            return denominator.div_(compare(output, 0, out=torch.empty_like(output)))
-        scratch = _signed_shift(total, self.stabilizer)
-        denominator = total.add_(scratch)
-        return denominator.div_(compare(output, 0, out=scratch))
+            denominator, scratch = self.stabilizer(total), torch.empty_like(output)
+        else:
+            scratch = _signed_shift(total, self.stabilizer)
+            denominator = total.add_(scratch)
+        return denominator.div_(compare(output, 0, out=scratch)), scratch
 
     def prepare(self, module, input, output):
         positive_weight, positive_bias = self._modified(module, 1)
         if input.min() >= 0:
-            denominator = self._masked_denominator(module, (input,), (positive_weight,), positive_bias, output, 1)
-            return positive_weight, denominator
+            denominator, workspace = self._masked_denominator(
+                module, (input,), (positive_weight,), positive_bias, output, 1
+            )
+            return (positive_weight, denominator), workspace
         negative_weight, negative_bias = self._modified(module, -1)
         inputs = (input.clamp(min=0), input.clamp(max=0))
-        return (
-            positive_weight,
-            self._masked_denominator(module, inputs, (positive_weight, negative_weight), positive_bias, output, 1),
-            negative_weight,
-            self._masked_denominator(module, inputs, (negative_weight, positive_weight), negative_bias, output, -1),
+        positive_denominator, _ = self._masked_denominator(
+            module, inputs, (positive_weight, negative_weight), positive_bias, output, 1
         )
+        negative_denominator, _ = self._masked_denominator(
+            module, inputs, (negative_weight, positive_weight), negative_bias, output, -1
+        )
+        return (positive_weight, positive_denominator, negative_weight, negative_denominator), None
 
-    def relevance(self, module, input, grad_output, positive_weight, positive_denominator, *negative):
+    def relevance(self, module, input, grad_output, workspace, positive_weight, positive_denominator, *negative):
         if negative:
             negative_weight, negative_denominator = negative
             positive_part, negative_part = input.clamp(min=0), input.clamp(max=0)
@@ -334,14 +346,13 @@ class Gamma(FastRule):
             return relevance.addcmul_(from_positive[1].add_(from_negative[1]), negative_part)
 
         # g · denominator is ±inf where g ≠ 0 and z ≤ 0, NaN where g = 0 and z ≤ 0, finite where z > 0
-        scaled = torch.mul(grad_output, positive_denominator)
-        outside = not torch.isfinite(torch.nansum(scaled))
-        gradient, = layer_backward(module, input, (positive_weight,), torch.div(grad_output, positive_denominator,
-                                                                                out=scaled))
+        outside = not torch.isfinite(torch.nansum(torch.mul(grad_output, positive_denominator, out=workspace)))
+        scaled = torch.div(grad_output, positive_denominator, out=workspace)
+        gradient, = layer_backward(module, input, (positive_weight,), scaled)
         if outside:
             negative_weight, negative_bias = self._modified(module, -1)
             output = layer_forward(module, (input,), (module.weight,), module.bias)
-            negative_denominator = self._masked_denominator(
+            negative_denominator, _ = self._masked_denominator(
                 module, (input,), (negative_weight,), negative_bias, output, -1
             )
             gradient += layer_backward(module, input, (negative_weight,), grad_output / negative_denominator)[0]
@@ -381,11 +392,13 @@ class ZBox(FastRule):
         # the bias terms max(b, 0) + min(b, 0) add up to b exactly
         bounds = layer_forward(module, (low, high), (positive_weight, negative_weight), bias)
         denominator = stabilize(torch.sub(output, bounds, out=bounds), self.stabilizer)
-        return weight, positive_weight, negative_weight, low, high, denominator
+        return (weight, positive_weight, negative_weight, low, high, denominator), bounds
 
-    def relevance(self, module, input, grad_output, weight, positive_weight, negative_weight, low, high, denominator):
+    def relevance(self, module, input, grad_output, workspace, weight, positive_weight, negative_weight, low, high,
+                  denominator):
         from_input, from_low, from_high = layer_backward(
-            module, input, (weight, positive_weight, negative_weight), grad_output / denominator
+            module, input, (weight, positive_weight, negative_weight),
+            torch.div(grad_output, denominator, out=workspace),
         )
         bounds = from_low.mul_(low).addcmul_(from_high, high)
         return from_input.mul_(input).sub_(bounds)

@@ -23,11 +23,16 @@ def expected_methods():
 
 
 @pytest.fixture(scope='module')
-def tiny_result():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield bench.run_bench(size=32, repeats=2, width=4, warmup=0, quiet=True)
-    torch.set_num_threads(threads)
+def tiny_run():
+    """``(result, torch threads before, threads after)`` of one tiny benchmark run with one thread."""
+    before = torch.get_num_threads()
+    result = bench.run_bench(size=32, repeats=2, width=4, warmup=0, threads=1, quiet=True)
+    return result, before, torch.get_num_threads()
+
+
+@pytest.fixture
+def tiny_result(tiny_run):
+    return tiny_run[0]
 
 
 def test_every_method_has_a_timed_row(tiny_result):
@@ -41,9 +46,10 @@ def test_every_method_has_a_timed_row(tiny_result):
     assert rows['gradient'].ratio == 1.
 
 
-def test_settings_versions_and_table(tiny_result):
+def test_settings_versions_and_table(tiny_run, tiny_result):
+    assert tiny_run[1] == tiny_run[2]
     assert tiny_result.settings == dict(arch='vgg16', width=4, batch=1, size=32, repeats=2, warmup=0, seed=0,
-                                        device='cpu')
+                                        device='cpu', threads=1)
     assert {'torch', 'zennit', 'lrp_brain'} <= set(tiny_result.versions)
     table = bench.format_bench(tiny_result)
     for method in expected_methods():
@@ -77,10 +83,11 @@ def test_cli_passes_the_options_and_prints_the_table(tiny_result, monkeypatch):
     calls = []
     monkeypatch.setattr(bench, 'run_bench', lambda **options: calls.append(options) or tiny_result)
     result = CliRunner().invoke(main, ['bench', '--size', '32', '--width', '4', '--repeats', '2', '--warmup', '0',
-                                       '--batch', '1', '--device', 'cpu', '--seed', '0', '--no-memory', '--quiet'])
+                                       '--batch', '1', '--device', 'cpu', '--seed', '0', '--threads', '1',
+                                       '--no-memory', '--quiet'])
     assert result.exit_code == 0, result.output
     assert calls == [dict(device='cpu', batch=1, size=32, repeats=2, arch='vgg16', width=4, seed=0, warmup=0,
-                          memory=False, quiet=True)]
+                          memory=False, threads=1, quiet=True)]
     assert result.output.strip() == bench.format_bench(tiny_result)
     gradient_line = next(line for line in result.output.splitlines() if line.startswith('gradient'))
     assert gradient_line.split()[3] == '1.00'
@@ -88,7 +95,7 @@ def test_cli_passes_the_options_and_prints_the_table(tiny_result, monkeypatch):
 
 @pytest.mark.parametrize('options, message', [
     ({'batch': 0}, 'batch'), ({'repeats': 0}, 'repeats'), ({'size': 8}, 'size'), ({'warmup': -1}, 'warmup'),
-    ({'device': 'tpu'}, 'tpu'),
+    ({'threads': 0}, 'threads'), ({'device': 'tpu'}, 'tpu'),
 ])
 def test_bad_settings_are_refused(options, message):
     with pytest.raises(bench.BenchError, match=message):
