@@ -26,9 +26,11 @@ from typing import Optional
 
 import torch
 from tqdm import tqdm
+from zennit.composites import EpsilonGammaBox
 
-from lrp_brain.composites import VGGComposite
+from lrp_brain.composites import STABILIZER, VGGComposite
 from lrp_brain.model import build_model, resolve_device
+from lrp_brain.sweep import SweepEngine
 from lrp_brain.versions import library_versions
 
 #: The ε and the γ values of the sweep row's grid (11 each, 121 settings).
@@ -157,8 +159,6 @@ def _captum_relevance(model, composite, images, targets, captum_lrp, captum_rule
 
 def _methods(model, low, high, notes):
     """Return ``[(name, call(images, targets), settings per call, note)]`` for the methods available here."""
-    from zennit.composites import EpsilonGammaBox
-
     fast, stock = VGGComposite(low=low, high=high, fast=True), VGGComposite(low=low, high=high, fast=False)
     box = EpsilonGammaBox(low=low, high=high)
     methods = [
@@ -178,7 +178,8 @@ def _methods(model, low, high, notes):
             'first_conv': lambda: GammaRule(gamma=fast.gamma),
             'gamma_conv': lambda: GammaRule(gamma=fast.gamma),
             'epsilon_conv': lambda: EpsilonRule(epsilon=fast.epsilon),
-            'linear': lambda: EpsilonRule(epsilon=1e-6),
+            'epsilon_linear': lambda: EpsilonRule(epsilon=fast.epsilon),
+            'linear': lambda: EpsilonRule(epsilon=STABILIZER),
         }
         methods.append((
             'captum LRP',
@@ -188,15 +189,9 @@ def _methods(model, low, high, notes):
     methods.append(('lrp_brain VGGComposite', lambda images, targets: _composite_relevance(model, fast, images,
                                                                                             targets), 1,
                     'VGGComposite(fast=True)'))
-    try:
-        from lrp_brain.sweep import SweepEngine
-    except ImportError:
-        notes.append('lrp_brain sweep: left out, lrp_brain.sweep.SweepEngine is not available')
-    else:
-        engine = SweepEngine(model, SWEEP_VALUES, SWEEP_VALUES, low, high)
-        settings = len(SWEEP_VALUES) ** 2
-        methods.append(('lrp_brain sweep', engine.relevance, settings,
-                        f'{len(SWEEP_VALUES)}x{len(SWEEP_VALUES)} grid: time per setting, memory per call'))
+    engine = SweepEngine(model, SWEEP_VALUES, SWEEP_VALUES, low, high)
+    methods.append(('lrp_brain sweep', engine.relevance, len(SWEEP_VALUES) ** 2,
+                    f'{len(SWEEP_VALUES)}x{len(SWEEP_VALUES)} grid: time per setting, memory per call'))
     return methods
 
 

@@ -82,12 +82,14 @@ def _padding(module):
         return (0, 0)
     totals = [dilation * (size - 1) for dilation, size in zip(module.dilation, module.kernel_size)]
     if any(total % 2 for total in totals):
-        raise RuleError(f"{module}: padding='same' with an even kernel pads asymmetrically; give the padding as numbers")
+        raise RuleError(
+            f"{module}: padding='same' with an even kernel pads asymmetrically; give the padding as numbers"
+        )
     return tuple(total // 2 for total in totals)
 
 
 def check_module(module):
-    """Raise :class:`RuleError` unless the fast rules can handle ``module``: a zero-padded ``Conv2d`` or a ``Linear``."""
+    """Raise :class:`RuleError` unless the fast rules can handle ``module``: a zero-padded Conv2d or a Linear."""
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != 'zeros':
             raise RuleError(f"{module}: padding_mode={module.padding_mode!r} is not supported, only 'zeros'")
