@@ -2,6 +2,8 @@
 
 Each command parses its arguments, calls the API and prints; no logic lives here.
 """
+from contextlib import contextmanager
+
 import click
 
 
@@ -34,6 +36,31 @@ def source_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+@contextmanager
+def processes(device):
+    """Join the torchrun process group if launched by torchrun (one process otherwise); yield this process's device.
+    Only rank 0 prints results."""
+    from lrp_brain import distributed
+
+    try:
+        device = distributed.init(device)
+    except (ValueError, RuntimeError) as error:
+        raise click.ClickException(str(error)) from error
+    try:
+        yield device
+    except BaseException:
+        distributed.finish(wait=False)  # the others may be elsewhere: no last barrier
+        raise
+    distributed.finish()
+
+
+def _echo(message):
+    from lrp_brain import distributed
+
+    if distributed.is_main():
+        click.echo(message)
 
 
 def _open_source(checkpoint, data, split_file, split_method, split_seed, quiet, size=None):
@@ -117,23 +144,23 @@ def evaluate_command(checkpoint, data, split_file, split_method, split_seed, dev
     per image: file, patient, label, prediction, probabilities, every metric) and summary.json (means, 95 %
     bootstrap CIs, per class, settings, fingerprints, excluded images). A killed run resumes when run again."""
     from lrp_brain.evaluate import METRICS, evaluate
-    from lrp_brain.model import resolve_device
 
-    source = _open_source(checkpoint, data, split_file, split_method, split_seed, quiet)
-    try:
-        rows, summary = evaluate(
-            source, part, method=method, epsilon=epsilon, gamma=gamma, quantile=quantile, target=target,
-            batch_size=batch_size, device=resolve_device(device), out=out, progress=not quiet, figures=figures,
-        )
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
-    click.echo(f'{len(rows)} {part} images, accuracy {summary["accuracy"]:.3f}, method {method}'
-               + (f' (ε={epsilon:g}, γ={gamma:g})' if method == 'lrp' else '') + f', quantile {quantile:g}')
-    for name in METRICS:
-        overall = summary[name]['overall']
-        click.echo(f'  {name:<15} {overall["mean"]:.4f}  95% CI [{overall["ci_low"]:.4f}, {overall["ci_high"]:.4f}]'
-                   f'  n={overall["n"]}  excluded={overall["excluded"]}')
-    click.echo(f'flags: {summary["flags"]}; wrote {out}/rows.csv and {out}/summary.json')
+    with processes(device) as device:
+        source = _open_source(checkpoint, data, split_file, split_method, split_seed, quiet)
+        try:
+            rows, summary = evaluate(
+                source, part, method=method, epsilon=epsilon, gamma=gamma, quantile=quantile, target=target,
+                batch_size=batch_size, device=device, out=out, progress=not quiet, figures=figures,
+            )
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
+        _echo(f'{len(rows)} {part} images, accuracy {summary["accuracy"]:.3f}, method {method}'
+              + (f' (ε={epsilon:g}, γ={gamma:g})' if method == 'lrp' else '') + f', quantile {quantile:g}')
+        for name in METRICS:
+            overall = summary[name]['overall']
+            _echo(f'  {name:<15} {overall["mean"]:.4f}  95% CI [{overall["ci_low"]:.4f}, {overall["ci_high"]:.4f}]'
+                  f'  n={overall["n"]}  excluded={overall["excluded"]}')
+        _echo(f'flags: {summary["flags"]}; wrote {out}/rows.csv and {out}/summary.json')
 
 
 # --- sweep --------------------------------------------------------------------------------------------------------
@@ -162,7 +189,6 @@ def sweep_command(checkpoint, data, split_file, split_method, split_seed, device
     """Score every ε×γ (×quantile) setting by mean IoU on the validation split, choose the best there and report
     it (and the whole grid) on the test split. Writes sweep.csv, heatmap.png and choice.json; an interrupted sweep
     resumes when run again with the same arguments."""
-    from lrp_brain.model import resolve_device
     from lrp_brain.sweep import SEED_STUDY, SEED_STUDY_BIAS, run_sweep
 
     size, notes = None, None
@@ -172,21 +198,23 @@ def sweep_command(checkpoint, data, split_file, split_method, split_seed, device
         epsilons, gammas, quantiles = SEED_STUDY['epsilons'], SEED_STUDY['gammas'], SEED_STUDY['quantiles']
         split_method, split_seed, size = SEED_STUDY['split_method'], SEED_STUDY['split_seed'], SEED_STUDY['size']
         notes = SEED_STUDY_BIAS
-        click.echo(SEED_STUDY_BIAS)
-    source = _open_source(checkpoint, data, split_file, split_method, split_seed, quiet, size=size)
-    try:
-        result = run_sweep(source, epsilons, gammas, quantiles, out=out, batch_size=batch_size,
-                           device=resolve_device(device), progress=not quiet, allow_negative=seed_study, notes=notes)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
-    best = result.best
-    click.echo(f'{len(result.table)} settings; best on validation: ε={best["epsilon"]:g}, γ={best["gamma"]:g}, '
-               f'quantile {best["quantile"]:g}')
-    click.echo(f'  validation IoU {best["val_iou"]:.4f} [{best["val_iou_ci_low"]:.4f}, {best["val_iou_ci_high"]:.4f}]'
-               f' (n={best["val_n"]})')
-    click.echo(f'  test IoU       {best["test_iou"]:.4f} [{best["test_iou_ci_low"]:.4f}, '
-               f'{best["test_iou_ci_high"]:.4f}] (n={best["test_n"]})')
-    click.echo(f'wrote {out}/sweep.csv, {out}/heatmap.png and {out}/choice.json')
+    with processes(device) as device:
+        if notes:
+            _echo(notes)
+        source = _open_source(checkpoint, data, split_file, split_method, split_seed, quiet, size=size)
+        try:
+            result = run_sweep(source, epsilons, gammas, quantiles, out=out, batch_size=batch_size, device=device,
+                               progress=not quiet, allow_negative=seed_study, notes=notes)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
+        best = result.best
+        _echo(f'{len(result.table)} settings; best on validation: ε={best["epsilon"]:g}, γ={best["gamma"]:g}, '
+              f'quantile {best["quantile"]:g}')
+        _echo(f'  validation IoU {best["val_iou"]:.4f} [{best["val_iou_ci_low"]:.4f}, {best["val_iou_ci_high"]:.4f}]'
+              f' (n={best["val_n"]})')
+        _echo(f'  test IoU       {best["test_iou"]:.4f} [{best["test_iou_ci_low"]:.4f}, '
+              f'{best["test_iou_ci_high"]:.4f}] (n={best["test_n"]})')
+        _echo(f'wrote {out}/sweep.csv, {out}/heatmap.png and {out}/choice.json')
 
 
 # --- train --------------------------------------------------------------------------------------------------------
@@ -221,18 +249,19 @@ def train_command(data, phantoms, arch, width, epochs, out, size, batch_size, lr
     and report it on the test split. Rerunning the same command resumes an interrupted run."""
     from lrp_brain.train import train
 
-    try:
-        result = train(data, out, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr, size=size,
-                       split_file=split_file, seed=seed, device=device, init_weights=init_weights,
-                       num_workers=workers, progress=not quiet, phantoms=phantoms)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
-    if result.resumed_from:
-        click.echo(f'resumed after epoch {result.resumed_from}')
-    click.echo(f'best epoch {result.best_epoch} of {result.epochs}: validation accuracy {result.val_accuracy:.4f}')
-    click.echo(f'test split, {result.test.format()}')
-    for name in ('checkpoint', 'resume', 'split', 'confusion', 'test'):
-        click.echo(f'wrote {result.paths[name]}')
+    with processes(device) as device:
+        try:
+            result = train(data, out, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
+                           size=size, split_file=split_file, seed=seed, device=device, init_weights=init_weights,
+                           num_workers=workers, progress=not quiet, phantoms=phantoms)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
+        if result.resumed_from:
+            _echo(f'resumed after epoch {result.resumed_from}')
+        _echo(f'best epoch {result.best_epoch} of {result.epochs}: validation accuracy {result.val_accuracy:.4f}')
+        _echo(f'test split, {result.test.format()}')
+        for name in ('checkpoint', 'resume', 'split', 'confusion', 'test'):
+            _echo(f'wrote {result.paths[name]}')
 
 
 # --- check --------------------------------------------------------------------------------------------------------

@@ -26,8 +26,11 @@ memory, never unpacked to disk). Every problem with the data raises :class:`Data
 import hashlib
 import io
 import json
+import lzma
+import math
 import os
 import re
+import stat
 import warnings
 import zipfile
 import zlib
@@ -51,6 +54,11 @@ MAX_SIDE = 4096
 MAX_FILE_BYTES = 256 * 2 ** 20
 #: Separates a zip file from its member in a slice reference.
 ZIP_SEPARATOR = '::'
+
+#: The largest array read into memory, in bytes: an image of MAX_SIDE² float64 values.
+MAX_ARRAY_BYTES = MAX_SIDE ** 2 * 8
+#: The longest patient id accepted, in characters (the Figshare ones have 6 to 12).
+MAX_PID_LENGTH = 256
 
 _HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
 # HDF5 looks for its superblock at offset 0 and at 512, 1024, 2048, ... (MATLAB v7.3 puts it at 512)
@@ -193,11 +201,22 @@ def _is_slice_name(name):
     )
 
 
+def _regular_file_size(path, ref):
+    """Return the size of the file ``path`` in bytes; refuse a folder, pipe or device (reading one may never end)."""
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise DataError('not a regular file (a folder, pipe or device); refused', ref, 'not a file')
+    return status.st_size
+
+
 def _zip_members(zip_path, wanted):
     """Return ``(members, problems)``: the zip's members for which ``wanted(name)`` holds, in natural order."""
     try:
+        _regular_file_size(zip_path, zip_path)
         with zipfile.ZipFile(zip_path) as archive:
             names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    except DataError as error:
+        return [], [Problem.from_error(error)]
     except (zipfile.BadZipFile, OSError, RuntimeError) as error:
         return [], [Problem(zip_path, f'not a readable zip file ({error})', 'unreadable zip')]
     members, problems = [], []
@@ -297,8 +316,8 @@ def find_slices(source, skip_bad=False):
 def _read_bytes(ref):
     zip_path, separator, member = str(ref).partition(ZIP_SEPARATOR)
     try:
+        size = _regular_file_size(zip_path, ref)
         if not separator:
-            size = os.path.getsize(zip_path)
             if size > MAX_FILE_BYTES:
                 raise DataError(f'file is {size} bytes, more than the {MAX_FILE_BYTES} accepted', ref, 'too large')
             with open(zip_path, 'rb') as file:
@@ -314,7 +333,7 @@ def _read_bytes(ref):
         raise DataError('no such file', ref, 'missing file') from error
     except KeyError as error:
         raise DataError(f'the zip has no member {member!r}', ref, 'missing file') from error
-    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error) as error:
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise DataError(f'cannot be read ({error})', ref, 'truncated or corrupt') from error
 
 
@@ -354,58 +373,131 @@ def _open_mat(ref):
         raise DataError(f'truncated or corrupt HDF5 file ({error})', ref, 'truncated or corrupt') from error
 
 
+def _listed(names, count=10):
+    """``names`` sorted, as a list for a message: the first ``count`` of them, ``...`` for the rest."""
+    names = sorted(names)
+    return '[' + ', '.join(map(repr, names[:count])) + (', ...]' if len(names) > count else ']')
+
+
+def _member(group, name, where, ref):
+    """Return ``group[name]``, or ``None`` where there is no such link; refuse a link into another file."""
+    key = name.encode()
+    if not group.id.links.exists(key):
+        return None
+    if group.id.links.get_info(key).type == h5py.h5l.TYPE_EXTERNAL:
+        raise DataError(f'{name!r} in {where} is a link into another file; refused', ref, 'external data')
+    return group[name]
+
+
 def _dataset(group, name, where, ref):
-    if name not in group:
-        raise DataError(f'{where} has no field {name!r} (it has {sorted(group)})', ref, 'missing field')
-    node = group[name]
+    node = _member(group, name, where, ref)
+    if node is None:
+        raise DataError(f'{where} has no field {name!r} (it has {_listed(group)})', ref, 'missing field')
     if not isinstance(node, h5py.Dataset):
         raise DataError(f'{where}.{name} is a {type(node).__name__}, not an array', ref, 'wrong dtype')
     return node
 
 
-def _read_array(node, name, ref, kinds, vector=False):
-    """Read a MATLAB array from its HDF5 dataset, checking dtype and shape before reading; return it transposed.
+def _dtype_in_words(dtype):
+    """The dtype of a dataset for a message; object dtypes say what they hold."""
+    if h5py.check_ref_dtype(dtype) is not None:
+        return 'object references (a MATLAB cell array?)'
+    if dtype.kind == 'O' and h5py.check_string_dtype(dtype) is None:
+        return f'variable-length arrays of {h5py.check_vlen_dtype(dtype)}'
+    return str(dtype)
 
-    ``kinds`` are the accepted numpy dtype kinds; a ``vector`` comes back flattened.
+
+def _is_matlab_empty(node, name, ref):
+    """Whether MATLAB flagged the array as empty (it then stores the array's dimensions instead of values)."""
+    flag = np.asarray(node.attrs.get('MATLAB_empty', 0))
+    if flag.size != 1 or flag.dtype.kind not in 'biu':
+        raise DataError(f'{name} has the attribute MATLAB_empty = {flag.tolist()!r}; expected 0 or 1', ref,
+                        'wrong dtype')
+    return bool(flag.item())
+
+
+def _check_stored(node, name, ref):
+    """Refuse a dataset whose values the file itself does not hold, before reading it.
+
+    Values kept in other files (external storage, a virtual dataset) would be read from wherever those point. Values
+    never written read as the fill value, so a file of a few bytes could declare an image of any size. MATLAB writes
+    every value; chunked datasets must store every chunk, others their whole size.
+    """
+    if node.is_virtual or node.external:
+        raise DataError(f'{name} keeps its values in another file; refused', ref, 'external data')
+    count = math.prod(node.shape)
+    if count * node.dtype.itemsize > MAX_ARRAY_BYTES:
+        raise DataError(f'{name} would take {count * node.dtype.itemsize} bytes in memory, more than the '
+                        f'{MAX_ARRAY_BYTES} accepted', ref, 'too large')
+    if node.chunks is not None:
+        unit = 'chunks'
+        declared = math.prod(math.ceil(side / chunk) for side, chunk in zip(node.shape, node.chunks))
+        stored = node.id.get_num_chunks()
+    else:
+        unit, declared, stored = 'bytes', count * node.dtype.itemsize, node.id.get_storage_size()
+    if stored < declared:
+        raise DataError(f'{name} of shape {node.shape[::-1]} is not all in the file: {stored} of its {declared} {unit} '
+                        f'are stored', ref, 'truncated or corrupt')
+
+
+def _read_array(node, name, ref, kinds, max_length=None):
+    """Read a MATLAB array from its HDF5 dataset, checking dtype, shape and storage before reading; return it
+    transposed.
+
+    ``kinds`` are the accepted numpy dtype kinds. With ``max_length`` the array is a vector of at most that many
+    values, returned flattened; without, a 2-D image with sides from 2 to :data:`MAX_SIDE`.
     """
     expected = {'i': 'integer', 'u': 'unsigned integer', 'f': 'float', 'b': 'logical', 'S': 'bytes', 'O': 'string'}
-    if node.dtype.kind not in kinds or node.dtype.names is not None:
+    dtype = node.dtype
+    if dtype.kind not in kinds or dtype.names is not None or (dtype.kind == 'O' and not h5py.check_string_dtype(dtype)):
         accepted = ', '.join(expected[kind] for kind in kinds)
-        raise DataError(f'{name} has dtype {node.dtype}; expected {accepted}', ref, 'wrong dtype')
-    if node.attrs.get('MATLAB_empty', 0):
+        raise DataError(f'{name} has dtype {_dtype_in_words(dtype)}; expected {accepted}', ref, 'wrong dtype')
+    if _is_matlab_empty(node, name, ref):
         # MATLAB stores an empty array as its dimensions, flagged with MATLAB_empty
-        if not vector:
+        if max_length is None:
             raise DataError(f'{name} is empty', ref, 'wrong shape')
-        return np.zeros(0, dtype=node.dtype)
+        return np.zeros(0, dtype=dtype)
     shape = node.shape
+    if shape is None:
+        raise DataError(f'{name} has no values (an HDF5 null dataspace)', ref, 'wrong shape')
     if len(shape) != 2:
         raise DataError(f'{name} has {len(shape)} dimensions {shape}; expected 2', ref, 'wrong shape')
-    if vector:
-        if min(shape) > 1 or max(shape) > MAX_SIDE ** 2:
+    if max_length is not None:
+        if min(shape) > 1:
             raise DataError(f'{name} has shape {shape[::-1]}; expected a vector', ref, 'wrong shape')
-        return np.asarray(node[()]).reshape(-1)
-    if not all(2 <= side <= MAX_SIDE for side in shape):
+        if max(shape) > max_length:
+            raise DataError(f'{name} has {max(shape)} values; expected at most {max_length}', ref, 'wrong shape')
+    elif not all(2 <= side <= MAX_SIDE for side in shape):
         raise DataError(
             f'{name} has shape {shape[::-1]}; expected a 2-D image with sides from 2 to {MAX_SIDE}', ref, 'wrong shape'
         )
-    return np.ascontiguousarray(np.asarray(node[()]).T)
+    _check_stored(node, name, ref)
+    values = np.asarray(node[()])
+    return values.reshape(-1) if max_length is not None else np.ascontiguousarray(values.T)
 
 
 def _decode_text(codes, name, ref):
-    """Decode a MATLAB char array (uint16 character codes, either orientation) or an HDF5 string."""
+    """Decode a MATLAB char array (UTF-16 code units, either orientation) or an HDF5 string."""
     if codes.dtype.kind in 'SO':
         items = [item.decode('utf-8', 'replace') if isinstance(item, bytes) else str(item) for item in codes]
         return ''.join(items).strip()
     if codes.size and (codes.min() < 0 or codes.max() > 0x10FFFF):
         raise DataError(f'{name} holds character codes outside unicode: {codes.min()} .. {codes.max()}', ref,
                         'wrong dtype')
-    return ''.join(chr(int(code)) for code in codes).strip('\x00 \t\r\n')
+    text = ''.join(chr(int(code)) for code in codes)
+    try:
+        # a character beyond U+FFFF is a pair of surrogate codes in UTF-16; joined here, a lone one refused
+        text = text.encode('utf-16-le', 'surrogatepass').decode('utf-16-le')
+    except UnicodeDecodeError:
+        raise DataError(f'{name} holds UTF-16 surrogate codes that pair into no character', ref,
+                        'invalid values') from None
+    return text.strip('\x00 \t\r\n')
 
 
 def _slice_from_file(file, ref, digest):
-    if 'cjdata' not in file:
-        raise DataError(f"no 'cjdata' struct (top-level names: {sorted(file)})", ref, 'missing field')
-    struct = file['cjdata']
+    struct = _member(file, 'cjdata', 'the file', ref)
+    if struct is None:
+        raise DataError(f"no 'cjdata' struct (top-level names: {_listed(file)})", ref, 'missing field')
     if not isinstance(struct, h5py.Group):
         raise DataError("'cjdata' is not a struct", ref, 'wrong dtype')
     nodes = {name: _dataset(struct, name, 'cjdata', ref) for name in ('image', 'tumorMask', 'label', 'PID')}
@@ -424,20 +516,22 @@ def _slice_from_file(file, ref, digest):
         raise DataError(f'cjdata.tumorMask holds values other than 0 and 1: {found}', ref, 'invalid values')
     mask = (mask != 0).astype(np.uint8)
 
-    label_values = _read_array(nodes['label'], 'cjdata.label', ref, 'iuf', vector=True)
+    label_values = _read_array(nodes['label'], 'cjdata.label', ref, 'iuf', max_length=1)
     if label_values.size != 1:
         raise DataError(f'cjdata.label has {label_values.size} values; expected one', ref, 'wrong shape')
     label = label_values[0]
     if label not in (1, 2, 3):
         raise DataError(f'cjdata.label is {float(label):g}; expected 1, 2 or 3', ref, 'label outside {1, 2, 3}')
 
-    patient = _decode_text(_read_array(nodes['PID'], 'cjdata.PID', ref, 'iuSO', vector=True), 'cjdata.PID', ref)
+    pid_codes = _read_array(nodes['PID'], 'cjdata.PID', ref, 'iuSO', max_length=MAX_PID_LENGTH)
+    patient = _decode_text(pid_codes, 'cjdata.PID', ref)
     if not patient:
         raise DataError('cjdata.PID is empty', ref, 'empty PID')
 
     border = np.zeros((0, 2))
-    if 'tumorBorder' in struct:
-        values = _read_array(_dataset(struct, 'tumorBorder', 'cjdata', ref), 'cjdata.tumorBorder', ref, 'iuf', True)
+    if struct.id.links.exists(b'tumorBorder'):
+        values = _read_array(_dataset(struct, 'tumorBorder', 'cjdata', ref), 'cjdata.tumorBorder', ref, 'iuf',
+                             max_length=MAX_SIDE ** 2)
         if values.size % 2:
             raise DataError(f'cjdata.tumorBorder has {values.size} values; expected x, y pairs', ref, 'wrong shape')
         border = values.astype(np.float64).reshape(-1, 2)
@@ -460,10 +554,13 @@ def read_slice(ref):
     Raises
     ------
     DataError
-        For anything wrong with the file, naming it and the field: not HDF5 (a MATLAB v5 file says so), truncated
-        or corrupt, no ``cjdata`` or a missing field, a wrong dtype or rank, an image side above :data:`MAX_SIDE`,
-        a mask whose shape differs from the image's or holds values other than 0 and 1, a label outside {1, 2, 3},
-        an empty ``PID``. An empty mask is allowed (see :attr:`Slice.empty_mask`).
+        For anything wrong with the file, naming it and the field: not a regular file, larger than
+        :data:`MAX_FILE_BYTES`, not HDF5 (a MATLAB v5 file says so), truncated or corrupt, no ``cjdata`` or a missing
+        field, a wrong dtype or rank, an image side above :data:`MAX_SIDE`, an array above :data:`MAX_ARRAY_BYTES`
+        or a ``PID`` above :data:`MAX_PID_LENGTH` characters, values the file does not hold (never written, or in
+        another file through external storage or links), a mask whose shape differs from the image's or holds
+        values other than 0 and 1, a label outside {1, 2, 3}, an empty ``PID``. Sizes are checked before anything
+        is read. An empty mask is allowed (see :attr:`Slice.empty_mask`).
     """
     ref = os.fspath(ref)
     with _open_mat(ref) as (file, digest):
@@ -588,8 +685,8 @@ class Transform:
     std: Optional[tuple] = None
 
     def __post_init__(self):
-        if isinstance(self.size, bool) or int(self.size) != self.size or self.size < 1:
-            raise DataError(f'transform size must be a positive integer, got {self.size!r}')
+        if isinstance(self.size, bool) or int(self.size) != self.size or not 1 <= self.size <= MAX_SIDE:
+            raise DataError(f'transform size must be an integer from 1 to {MAX_SIDE}, got {self.size!r}')
         object.__setattr__(self, 'size', int(self.size))
         low, high = (float(value) for value in self.value_range)
         if not (np.isfinite([low, high]).all() and low < high):
@@ -739,7 +836,7 @@ def read_cvind(ref):
     """
     ref = os.fspath(ref)
     with _open_mat(ref) as (file, _):
-        folds = _read_array(_dataset(file, 'cvind', 'the file', ref), 'cvind', ref, 'iuf', vector=True)
+        folds = _read_array(_dataset(file, 'cvind', 'the file', ref), 'cvind', ref, 'iuf', max_length=MAX_SIDE ** 2)
     if folds.size == 0 or not np.all(np.mod(folds, 1) == 0) or folds.min() < 1:
         raise DataError('cvind must hold positive integer fold numbers', ref, 'invalid values')
     return folds.astype(np.int64)

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lrp_brain import metrics
+from lrp_brain import distributed, metrics
 from lrp_brain.composites import zbox_bounds
 from lrp_brain.data import (CLASS_NAMES, MAX_SIDE, ZIP_SEPARATOR, DataError, SliceDataset, Transform, find_slices,
                             load_split, read_slice, relative_ref)
 from lrp_brain.explain import ExplainError, explain, explain_all_classes
 from lrp_brain.model import load_checkpoint, load_demo_model
-from lrp_brain.outputs import (RowLog, atomic_write_bytes, atomic_write_csv, atomic_write_json, file_fingerprint,
+from lrp_brain.outputs import (atomic_write_bytes, atomic_write_csv, atomic_write_json, file_fingerprint,
                                text_fingerprint)
 from lrp_brain.phantom import phantom_dataset
 from lrp_brain.versions import library_versions
@@ -77,6 +77,11 @@ class Source:
         """The z^B bounds ``(low, high)`` that follow from the transform."""
         return zbox_bounds(self.transform)
 
+    def bounds_record(self):
+        """The z^B bounds as ``{'low': ..., 'high': ...}`` of numbers or lists, as outputs record them."""
+        return {name: bound.flatten().tolist() if isinstance(bound, torch.Tensor) else bound
+                for name, bound in zip(('low', 'high'), self.bounds)}
+
     def dataset(self, part):
         """The :class:`~lrp_brain.data.SliceDataset` of split part ``'train'``, ``'val'`` or ``'test'``."""
         return SliceDataset(getattr(self.split, part), self.transform)
@@ -119,9 +124,11 @@ def open_source(checkpoint=None, data=None, split_file=None, split_method='patie
     Source
     """
     source = open_model(checkpoint, size)
-    if data is None:
-        data = phantom_dataset(**DEFAULT_PHANTOMS, quiet=quiet)
-    split = load_split(data, split_file=split_file, method=split_method, seed=split_seed, quiet=quiet)
+    with distributed.main_first():  # under torchrun, rank 0 writes the phantoms and the split file, the rest read
+        if data is None:
+            data = phantom_dataset(**DEFAULT_PHANTOMS, quiet=quiet or not distributed.is_main())
+        split = load_split(data, split_file=split_file, method=split_method, seed=split_seed,
+                           quiet=quiet or not distributed.is_main())
     return replace(source, data=os.fspath(data), split=split)
 
 
@@ -244,48 +251,43 @@ def evaluate(source, part='test', *, method='lrp', epsilon=0.25, gamma=0.1, quan
     low, high = source.bounds
     settings = {
         'method': method, 'epsilon': epsilon, 'gamma': gamma, 'quantile': quantile, 'target': target,
-        'split': part, 'low': _plain(low), 'high': _plain(high), 'input_size': source.transform.size,
+        'split': part, **source.bounds_record(), 'input_size': source.transform.size,
         'composite_kwargs': composite_kwargs or {},
     }
-    identity = {'settings': settings, 'model': source.model_id, 'data': source.data_id(part)}
+    identity = {'settings': settings, 'batch_size': int(batch_size), 'model': source.model_id,
+                'data': source.data_id(part)}
     keys = [relative_ref(ref, source.split.root) for ref in dataset.refs]
-    log = RowLog(os.path.join(out, 'rows.jsonl'), identity, key='file') if out is not None else None
-    rows = dict(log.rows) if log is not None else {}
-    # batches are fixed slices of the split, and a resumed run recomputes whole batches, so every image is computed
-    # in the same batch as in an uninterrupted run (batch composition can change float results in the last bits)
-    todo = [list(range(start, min(start + batch_size, len(keys)))) for start in range(0, len(keys), batch_size)]
-    todo = [indices for indices in todo if any(keys[index] not in rows for index in indices)]
-    with tqdm(total=len(keys), initial=len(keys) - sum(map(len, todo)), disable=not progress,
-              desc=f'evaluate {part}', unit='image') as bar:
-        for batch in map(lambda indices: _batch(dataset, indices), todo):
-            explanation = explain(
-                source.model, batch['image'], target=target, labels=batch['label'], method=method, epsilon=epsilon,
-                gamma=gamma, low=low, high=high, batch_size=batch_size, device=device,
-                composite_kwargs=composite_kwargs,
-            )
-            for row in score_rows(batch, explanation, quantile, source.class_names, source.split.root):
-                rows.setdefault(row['file'], row)
-                if log is not None:
-                    log.append(row)
-            bar.update(len(batch['path']))
-    rows = [rows[key] for key in keys]
+
+    def compute(indices):
+        batch = _batch(dataset, indices)
+        explanation = explain(
+            source.model, batch['image'], target=target, labels=batch['label'], method=method, epsilon=epsilon,
+            gamma=gamma, low=low, high=high, batch_size=batch_size, device=device, composite_kwargs=composite_kwargs,
+        )
+        return score_rows(batch, explanation, quantile, source.class_names, source.split.root)
+
+    rows = distributed.batch_rows(keys, batch_size, compute, identity=identity, progress=progress,
+                                  log_path=None if out is None else os.path.join(out, 'rows.jsonl'),
+                                  description=f'evaluate {part}')
     summary = {
         **summarize_rows(rows, source.class_names), 'settings': settings, 'model': source.model_id,
         'data': {'source': source.data, 'split_method': source.split.method, 'split_seed': source.split.seed,
                  'part': part, 'fingerprint': identity['data']},
-        'versions': library_versions(),
+        'versions': library_versions(), 'processes': distributed.world_size(),
     }
     if out is not None:
-        atomic_write_csv(os.path.join(out, 'rows.csv'), rows)
-        atomic_write_json(os.path.join(out, 'summary.json'), summary)
-        if figures:
-            draw_figures(source, dataset, rows, out, figures, method=method, epsilon=epsilon, gamma=gamma,
-                         quantile=quantile, target=target, device=device, composite_kwargs=composite_kwargs)
+        distributed.on_main(lambda: _write_outputs(
+            source, dataset, rows, summary, out, figures, method=method, epsilon=epsilon, gamma=gamma,
+            quantile=quantile, target=target, device=device, composite_kwargs=composite_kwargs,
+        ))
     return rows, summary
 
 
-def _plain(value):
-    return value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+def _write_outputs(source, dataset, rows, summary, out, figures, **options):
+    atomic_write_csv(os.path.join(out, 'rows.csv'), rows)
+    atomic_write_json(os.path.join(out, 'summary.json'), summary)
+    if figures:
+        draw_figures(source, dataset, rows, out, figures, **options)
 
 
 def draw_figures(source, dataset, rows, out, count, *, method, epsilon, gamma, quantile, target, device,

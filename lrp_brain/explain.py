@@ -153,6 +153,13 @@ def resolve_targets(target, logits, labels=None):
     return _checked_targets(spec, logits, _target_source(target))
 
 
+def _image_list(indices):
+    """Image indices for a message: ``'3'``, or ``'3 (images with them: [3, 5])'``, at most ten listed."""
+    if len(indices) == 1:
+        return str(indices[0])
+    return f'{indices[0]} (images with them: {indices[:10]}{" ..." if len(indices) > 10 else ""})'
+
+
 def _check_images(images):
     if not isinstance(images, torch.Tensor):
         raise ExplainError(f'images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}')
@@ -162,9 +169,38 @@ def _check_images(images):
         raise ExplainError(f'images must be floating point, got dtype {images.dtype}')
     finite = torch.isfinite(images.detach()).flatten(start_dim=1).all(dim=1)
     if not finite.all():
-        bad = (~finite).nonzero().flatten().tolist()
-        raise ExplainError(f'image {bad[0]} has NaN or infinite values (images with them: {bad[:10]}'
-                           f'{" ..." if len(bad) > 10 else ""})')
+        raise ExplainError(f'image {_image_list((~finite).nonzero().flatten().tolist())} has NaN or infinite values')
+
+
+def _check_finite_results(logits, relevance, offset, method, settings):
+    """Raise an :class:`ExplainError` naming the images of a batch whose logits or relevance hold NaN or inf.
+
+    ``offset`` is the batch's first image index; ``settings`` ends the message (see :func:`_settings_in_words`).
+    """
+    bad_logits = (~torch.isfinite(logits.detach()).all(dim=1)).nonzero().flatten()
+    if len(bad_logits):
+        raise ExplainError(f'the model output of image {_image_list((bad_logits + offset).tolist())} is NaN or '
+                           f'infinite: the model (its weights) is broken for this input')
+    bad_relevance = (~torch.isfinite(relevance.detach()).flatten(start_dim=1).all(dim=1)).nonzero().flatten()
+    if len(bad_relevance):
+        raise ExplainError(f'the {method} relevance of image {_image_list((bad_relevance + offset).tolist())} is NaN '
+                           f'or infinite{settings}')
+
+
+def _settings_in_words(method, epsilon, gamma, composite_kwargs):
+    """``' with epsilon=…, gamma=…, …'``: the parameters of an LRP ``method`` for messages, with the cause of a known
+    way to get NaN; ``''`` for the gradient methods and for default settings."""
+    if method not in ('lrp', 'zennit-egb'):
+        return ''
+    options = dict(composite_kwargs or {})
+    parameters = [f'epsilon={epsilon:g}', f'gamma={gamma:g}'] if method == 'lrp' else []
+    parameters += [f'{key}={value!r}' for key, value in options.items()]
+    words = f' with {", ".join(parameters)}' if parameters else ''
+    if options.get('std_epsilon'):
+        words += ('; std_epsilon=True scales ε by the standard deviation of each layer output, which is 0 where a '
+                  'layer gives the same value everywhere (e.g. an all-zero image through zero biases): use '
+                  'std_epsilon=False for such images')
+    return words
 
 
 def _composite(method, epsilon, gamma, low, high, composite_kwargs):
@@ -256,7 +292,9 @@ def explain(model, images, target='label', labels=None, method='lrp', *, epsilon
     ExplainError
         For an unknown method, bad images (not 4-D floating point, or an image with NaN/inf, named by index), bad
         targets or labels (see :func:`resolve_targets`), a batch size below 1, or composite_kwargs for a gradient
-        method; the composite's own ValueError for bad ε, γ or bounds.
+        method; and for results with NaN or inf, naming the images: logits (a broken model) or relevance (e.g.
+        ``std_epsilon=True`` on a layer whose output is constant). No NaN leaves this function. The composite's own
+        ValueError for bad ε, γ or bounds.
     """
     if method not in METHODS:
         raise ExplainError(f'method must be one of {METHODS}, got {method!r}')
@@ -267,6 +305,7 @@ def explain(model, images, target='label', labels=None, method='lrp', *, epsilon
     spec = _target_spec(target, labels, count)
     source = _target_source(target)
     composite = _composite(method, epsilon, gamma, low, high, composite_kwargs)
+    settings = _settings_in_words(method, epsilon, gamma, composite_kwargs)
     results = {'relevance': [], 'logits': [], 'targets': []}
 
     with _prepared(model, device) as model_device, Gradient(model, composite) as attributor:
@@ -284,6 +323,7 @@ def explain(model, images, target='label', labels=None, method='lrp', *, epsilon
 
                 logits, gradient = attributor(batch, one_hot_at_target)
                 relevance = gradient * batch if method == 'gradxinput' else gradient
+                _check_finite_results(logits, relevance, start, method, settings)
                 results['relevance'].append(relevance.detach().cpu())
                 results['logits'].append(logits.detach().cpu())
                 results['targets'].append(batch_targets[0].cpu())

@@ -289,7 +289,20 @@ def _fit_problems(expected, given, skip=()):
     problems += [f'missing {key}' for key in expected
                  if wanted(key) and key not in given and not key.endswith('num_batches_tracked')]
     problems += [f'unexpected {key}' for key in given if wanted(key) and key not in expected]
-    return '; '.join(problems[:6]) + (f'; and {len(problems) - 6} more' if len(problems) > 6 else '')
+    return _first_problems(problems)
+
+
+def _non_finite_problems(tensors):
+    """Say which floating-point tensors of ``tensors`` hold NaN or inf (``''`` if none), the first six of them."""
+    return _first_problems([
+        f'{key} holds {int((~torch.isfinite(value)).sum())} NaN or infinite values' for key, value in tensors.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+    ])
+
+
+def _first_problems(problems, count=6):
+    """The first ``count`` of ``problems`` joined by ``'; '``, then how many more there are."""
+    return '; '.join(problems[:count]) + (f'; and {len(problems) - count} more' if len(problems) > count else '')
 
 
 def _structure_in_words(state_dict):
@@ -376,7 +389,14 @@ def _read(path, map_location='cpu'):
 
 
 def _first_line(error):
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    """The cause of a load failure in one line: for the weights-only unpickler its own reason, not torch's advice
+    around it (which suggests retrying with ``weights_only=False``, exactly what must not be done with a file of
+    unknown origin)."""
+    text = str(error)
+    reason = re.search(r'WeightsUnpickler error:\s*(\S.*)', text)
+    if reason:
+        return reason.group(1)
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _globals_needed(path, message):
@@ -416,7 +436,7 @@ def load_checkpoint(path, map_location='cpu'):
     CheckpointError
         Naming the file and, where it applies, the field or layer: code that would need unpickling (refused), a
         corrupt or truncated file, an unknown format or version, missing metadata, missing or unexpected weights,
-        shape mismatches.
+        shape mismatches (found before the network is allocated), weights holding NaN or inf.
     """
     path = os.fspath(path)
     payload = _read(path, map_location)
@@ -441,14 +461,19 @@ def load_checkpoint(path, map_location='cpu'):
             f'{path}: neither an lrp-brain checkpoint nor a state dict of tensors (found {keys})'
         )
     try:
-        model = build_model(meta['arch'], meta['num_classes'], meta['width'], meta['batch_norm'])
+        with torch.device('meta'):  # the shapes only: metadata naming a huge network allocates nothing
+            skeleton = build_model(meta['arch'], meta['num_classes'], meta['width'], meta['batch_norm'])
     except CheckpointError as error:
         raise CheckpointError(f'{path}: {error}') from None
-    problems = _fit_problems(model.state_dict(), state_dict)
+    problems = _fit_problems(skeleton.state_dict(), state_dict)
     if problems:
         raise CheckpointError(
             f'{path}: the weights, {_structure_in_words(state_dict)}, do not fit {_describe(meta)}: {problems}'
         )
+    non_finite = _non_finite_problems(state_dict)
+    if non_finite:
+        raise CheckpointError(f'{path}: the weights are broken: {non_finite}')
+    model = build_model(meta['arch'], meta['num_classes'], meta['width'], meta['batch_norm'])
     model.load_state_dict(state_dict, strict=False)
     return model.to(map_location).eval(), meta
 
@@ -473,7 +498,7 @@ def init_imagenet(model, path):
     Raises
     ------
     CheckpointError
-        Naming the file and every layer that is missing, unexpected or shaped differently.
+        Naming the file and every layer that is missing, unexpected, shaped differently or holds NaN or inf.
     """
     path = os.fspath(path)
     weights = _read(path)
@@ -489,6 +514,9 @@ def init_imagenet(model, path):
             f'{_structure_in_words(model.state_dict())} (its last layer aside): {problems}'
         )
     loaded = {key: value for key, value in weights.items() if not key.startswith(head)}
+    non_finite = _non_finite_problems(loaded)
+    if non_finite:
+        raise CheckpointError(f'{path}: the ImageNet weights are broken: {non_finite}')
     model.load_state_dict(loaded, strict=False)
     return sorted(loaded)
 

@@ -6,8 +6,9 @@ a torn last line is dropped, and only the missing units are computed. Final tabl
 atomically: to a temporary file in the same folder, then renamed over the target, so a reader never sees half a
 file.
 
-The run's identity (arguments, data and model fingerprints) is stored beside the log; resuming with a different
-identity is refused, since mixing rows of two different runs would silently corrupt the result.
+The run's identity (arguments, data and model fingerprints, and the versions of the libraries that compute the rows)
+is stored beside the log; resuming with a different identity is refused, since mixing rows of two different runs
+would silently corrupt the result.
 """
 import csv
 import hashlib
@@ -15,6 +16,8 @@ import io
 import json
 import os
 import tempfile
+
+from lrp_brain.versions import library_versions
 
 
 class ResumeError(ValueError):
@@ -99,8 +102,9 @@ class RowLog:
     path: str or os.PathLike
         The log file (JSON lines). Its identity is stored in ``path + '.run.json'``.
     identity: dict
-        What makes two runs the same: arguments, data and model fingerprints. A log written under another identity
-        is refused with :class:`ResumeError`.
+        What makes two runs the same: arguments, data and model fingerprints; the library versions
+        (:func:`lrp_brain.versions.library_versions`) are added as ``'versions'``. A log written under another
+        identity is refused with :class:`ResumeError`.
     key: str
         The row field that identifies a unit of work (e.g. ``'path'`` or ``'setting'``). Rows read back are
         de-duplicated by it (the first complete row wins).
@@ -108,6 +112,7 @@ class RowLog:
     def __init__(self, path, identity, key):
         self.path = os.fspath(path)
         self.key = key
+        identity = {**identity, 'versions': library_versions()}
         self.identity = json.loads(json.dumps(identity, default=_json_default))
         self.rows = {}
         identity_path = self.path + '.run.json'

@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input
-from tqdm import tqdm
 from zennit.core import expand
 
+from lrp_brain import distributed
 from lrp_brain.composites import STABILIZER, VGGComposite
-from lrp_brain.evaluate import METRICS, _plain
-from lrp_brain.outputs import RowLog, atomic_write_csv, atomic_write_json
+from lrp_brain.evaluate import METRICS
+from lrp_brain.outputs import atomic_write_csv, atomic_write_json
 from lrp_brain.versions import library_versions
 
 # --- the engine: LRP relevance of a whole ε×γ grid at once (self-contained: nothing below is used here) ------------
@@ -644,40 +644,47 @@ def _setting_key(epsilon, gamma, quantile):
     return f'eps={epsilon:g},gamma={gamma:g},q={quantile:g}'
 
 
-def _score_part(source, part, engine, quantiles, *, batch_size, device, out, identity, progress):
-    """Score every setting on every image of one split part; return ``{setting key: {metric: values (N,)}}``."""
+def _score_part(source, part, engine, quantiles, *, batch_size, device, out, identity, progress,
+                composite_kwargs=None):
+    """Score every setting on every image of one split part; return one row per image, in split order, holding
+    ``{setting key: {metric: value}}`` under ``'scores'``."""
     from lrp_brain import metrics
     from lrp_brain.data import relative_ref
 
     dataset = source.dataset(part)
     keys = [relative_ref(ref, source.split.root) for ref in dataset.refs]
-    log = RowLog(os.path.join(out, f'{part}.rows.jsonl'), {**identity, 'part': part}, key='file') \
-        if out is not None else None
-    rows = dict(log.rows) if log is not None else {}
-    # fixed batches, recomputed whole on resume: every image is computed in the same batch as without interruption
-    batches = [list(range(start, min(start + batch_size, len(keys)))) for start in range(0, len(keys), batch_size)]
-    batches = [indices for indices in batches if any(keys[index] not in rows for index in indices)]
-    with tqdm(total=len(keys), initial=len(keys) - sum(map(len, batches)), disable=not progress, unit='image',
-              desc=f'sweep {part} ({len(engine.epsilons) * len(engine.gammas) * len(quantiles)} settings)') as bar:
-        for indices in batches:
-            items = [dataset[index] for index in indices]
-            images = torch.stack([item['image'] for item in items]).to(device)
-            masks = torch.stack([item['mask'] for item in items])
-            labels = torch.tensor([item['label'] for item in items])
-            scores = [{} for _ in items]
-            for eps_index, gamma_index, relevance in engine.iter_relevance(images, labels.to(device)):
-                for quantile in quantiles:
-                    values = metrics.evaluate_maps(relevance.cpu(), masks, quantile, names=[keys[i] for i in indices])
-                    key = _setting_key(engine.epsilons[eps_index], engine.gammas[gamma_index], quantile)
-                    for position, score in enumerate(scores):
-                        score[key] = {name: float(values[name][position]) for name in METRICS}
-            for index, item, score in zip(indices, items, scores):
-                row = {'file': keys[index], 'label': item['label'], 'scores': score}
-                rows.setdefault(row['file'], row)
-                if log is not None:
-                    log.append(row)
-            bar.update(len(indices))
-    return [rows[key] for key in keys]
+
+    def compute(indices):
+        items = [dataset[index] for index in indices]
+        images = torch.stack([item['image'] for item in items]).to(device)
+        masks = torch.stack([item['mask'] for item in items])
+        labels = torch.tensor([item['label'] for item in items])
+        scores = [{} for _ in items]
+        for eps_index, gamma_index, relevance in engine.iter_relevance(images, labels.to(device)):
+            finite = relevance.isfinite().flatten(1).all(1).cpu()
+            if not finite.all():
+                bad = [keys[indices[position]] for position in (~finite).nonzero().flatten().tolist()]
+                raise SweepError(
+                    f'the relevance of {", ".join(bad[:5])} is NaN or infinite with epsilon='
+                    f'{engine.epsilons[eps_index]:g}, gamma={engine.gammas[gamma_index]:g}'
+                    + (f' and {composite_kwargs}' if composite_kwargs else '')
+                    + ('; std_epsilon=True gives 0 / 0 where a layer output is constant (e.g. an all-zero image)'
+                       if (composite_kwargs or {}).get('std_epsilon') else '')
+                )
+            for quantile in quantiles:
+                values = metrics.evaluate_maps(relevance.cpu(), masks, quantile, names=[keys[i] for i in indices])
+                key = _setting_key(engine.epsilons[eps_index], engine.gammas[gamma_index], quantile)
+                for position, score in enumerate(scores):
+                    score[key] = {name: float(values[name][position]) for name in METRICS}
+        return [{'file': keys[index], 'label': item['label'], 'scores': score}
+                for index, item, score in zip(indices, items, scores)]
+
+    settings = len(engine.epsilons) * len(engine.gammas) * len(quantiles)
+    return distributed.batch_rows(
+        keys, batch_size, compute, identity={**identity, 'part': part}, progress=progress,
+        log_path=None if out is None else os.path.join(out, f'{part}.rows.jsonl'),
+        description=f'sweep {part} ({settings} settings)',
+    )
 
 
 def _summaries(rows, settings, class_names):
@@ -729,8 +736,6 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
     -------
     SweepResult
     """
-    from lrp_brain.figures import sweep_heatmap
-
     quantiles = tuple(float(value) for value in quantiles)
     if not quantiles or any(not 0 <= value <= 1 for value in quantiles):
         raise SweepError(f'quantiles must lie in [0, 1], got {quantiles}')
@@ -741,7 +746,7 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
     settings = [_setting_key(epsilon, gamma, quantile) for epsilon in engine.epsilons for gamma in engine.gammas
                 for quantile in quantiles]
     grid = {'epsilons': list(engine.epsilons), 'gammas': list(engine.gammas), 'quantiles': list(quantiles),
-            'composite_kwargs': composite_kwargs or {}, 'low': _plain(low), 'high': _plain(high),
+            'composite_kwargs': composite_kwargs or {}, **source.bounds_record(),
             'input_size': source.transform.size, 'target': 'label'}
     identity = {'grid': grid, 'model': source.model_id, 'batch_size': batch_size}
     summaries = {}
@@ -750,7 +755,8 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
             raise SweepError(f'the {part} split of {source.data} is empty; the sweep needs images to choose on '
                              f'({SELECT_ON}) and to report on ({REPORT_ON}): use more data or another split')
         rows = _score_part(source, part, engine, quantiles, batch_size=batch_size, device=device, out=out,
-                           identity={**identity, 'data': source.data_id(part)}, progress=progress)
+                           identity={**identity, 'data': source.data_id(part)}, progress=progress,
+                           composite_kwargs=composite_kwargs)
         summaries[part] = _summaries(rows, settings, source.class_names)
 
     table = []
@@ -788,6 +794,7 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
         'model': source.model_id,
         'data': {'source': source.data, **{part: source.data_id(part) for part in (SELECT_ON, REPORT_ON)}},
         'versions': library_versions(),
+        'processes': distributed.world_size(),
     }
     if notes:
         study = best_by(REPORT_ON)
@@ -796,18 +803,25 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
                                   'quantile': study['quantile'], 'test_iou': study[f'{REPORT_ON}_iou'],
                                   'why_not_used': 'chosen on the test split, as the seed study did: optimistic'}
     if out is not None:
-        atomic_write_csv(os.path.join(out, 'sweep.csv'), table)
-        atomic_write_json(os.path.join(out, 'choice.json'), choice)
-        for quantile in quantiles:
-            mean_iou = [[next(row[f'{SELECT_ON}_iou'] for row in table if row['epsilon'] == epsilon
-                              and row['gamma'] == gamma and row['quantile'] == quantile)
-                         for gamma in engine.gammas] for epsilon in engine.epsilons]
-            name = 'heatmap.png' if quantile == best['quantile'] else f'heatmap_q{quantile:g}.png'
-            cell = (engine.epsilons.index(best['epsilon']), engine.gammas.index(best['gamma'])) \
-                if quantile == best['quantile'] else None
-            sweep_heatmap(os.path.join(out, name), engine.epsilons, engine.gammas, mean_iou, best=cell,
-                          title=f'mean validation IoU (quantile {quantile:g})')
+        distributed.on_main(lambda: _write_outputs(out, table, choice, engine, quantiles, best))
     return SweepResult(table, best, choice)
+
+
+def _write_outputs(out, table, choice, engine, quantiles, best):
+    """Write ``sweep.csv``, ``choice.json`` and one heatmap of the mean validation IoU per quantile."""
+    from lrp_brain.figures import sweep_heatmap
+
+    atomic_write_csv(os.path.join(out, 'sweep.csv'), table)
+    atomic_write_json(os.path.join(out, 'choice.json'), choice)
+    for quantile in quantiles:
+        mean_iou = [[next(row[f'{SELECT_ON}_iou'] for row in table if row['epsilon'] == epsilon
+                          and row['gamma'] == gamma and row['quantile'] == quantile)
+                     for gamma in engine.gammas] for epsilon in engine.epsilons]
+        name = 'heatmap.png' if quantile == best['quantile'] else f'heatmap_q{quantile:g}.png'
+        cell = (engine.epsilons.index(best['epsilon']), engine.gammas.index(best['gamma'])) \
+            if quantile == best['quantile'] else None
+        sweep_heatmap(os.path.join(out, name), engine.epsilons, engine.gammas, mean_iou, best=cell,
+                      title=f'mean validation IoU (quantile {quantile:g})')
 
 
 def _to(bound, device):

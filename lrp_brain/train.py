@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional
 from tqdm import tqdm
 
+from lrp_brain import distributed
 from lrp_brain.data import CLASS_NAMES, DataError, Transform, load_split, read_slice
 from lrp_brain.figures import confusion_matrix_figure
 from lrp_brain.model import (
@@ -180,14 +181,17 @@ def evaluate(model, refs, transform, class_names=CLASS_NAMES, device='cpu', batc
     Evaluation
     """
     model.eval().to(device)
-    loader = torch.utils.data.DataLoader(LabelledSlices(refs, transform), batch_size=batch_size,
+    # under torchrun each process classifies every world_size-th slice; the counts are summed over the processes
+    shard = list(refs)[distributed.rank()::distributed.world_size()]
+    loader = torch.utils.data.DataLoader(LabelledSlices(shard, transform), batch_size=batch_size,
                                          num_workers=num_workers)
-    labels, predictions = [], []
-    for images, batch_labels in tqdm(loader, desc=description, unit='batch', leave=False, disable=not progress):
+    labels, predictions = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
+    for images, batch_labels in tqdm(loader, desc=description, unit='batch', leave=False,
+                                     disable=not (progress and distributed.is_main())):
         predictions.append(model(images.to(device)).argmax(1).cpu())
         labels.append(batch_labels)
-    return Evaluation(confusion_matrix(torch.cat(labels), torch.cat(predictions), len(class_names)),
-                      tuple(class_names))
+    matrix = confusion_matrix(torch.cat(labels), torch.cat(predictions), len(class_names))
+    return Evaluation(distributed.all_reduce_sum(torch.from_numpy(matrix)).numpy(), tuple(class_names))
 
 
 @dataclass
@@ -325,8 +329,10 @@ def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_
     if int(epochs) < 1:
         raise ValueError(f'epochs must be at least 1, got {epochs!r}')
     device = resolve_device(device)
-    if data is None:
-        data = phantom_dataset(phantoms, seed, quiet=not progress)
+    progress = progress and distributed.is_main()
+    with distributed.main_first():  # under torchrun, rank 0 writes the phantoms, the rest read them
+        if data is None:
+            data = phantom_dataset(phantoms, seed, quiet=not progress)
     paths = output_paths(out)
     if split_file is not None:
         paths['split'] = os.path.abspath(os.fspath(split_file))
@@ -336,9 +342,9 @@ def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_
         'init_weights': None if init_weights is None else os.path.abspath(os.fspath(init_weights)),
     }
     state = _resume_state(paths, arguments, int(epochs))
-    os.makedirs(os.path.dirname(paths['checkpoint']), exist_ok=True)
-
-    split = load_split(data, paths['split'], method='patient', seed=seed, quiet=not progress)
+    with distributed.main_first():  # rank 0 writes the split file, the rest read it
+        os.makedirs(os.path.dirname(paths['checkpoint']), exist_ok=True)
+        split = load_split(data, paths['split'], method='patient', seed=seed, quiet=not progress)
     for name, refs in split.parts().items():
         if not refs:
             raise DataError(f'the {name} part of the split is empty', paths['split'], 'split file')
@@ -352,6 +358,9 @@ def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_
         if init_weights is not None:
             init_imagenet(model, init_weights)
     model.to(device)
+    # DistributedDataParallel averages the gradients of the processes after every backward pass
+    trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
+        if distributed.active() else model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     if state is None:
         state = {'format': _RESUME_FORMAT, 'arguments': arguments, 'epoch': 0, 'best_epoch': 0,
@@ -371,54 +380,99 @@ def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_
                      initial=resumed_from, total=int(epochs))
     for epoch in epoch_bar:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-            torch.manual_seed(derived_seed(seed, epoch))
-            loss, accuracy = _train_epoch(model, optimizer, train_set, epoch, seed, batch_size, device, num_workers,
-                                          progress)
+            # dropout masks: from (seed, epoch), and the rank when there are several processes
+            torch.manual_seed(derived_seed(seed, epoch, *([distributed.rank()] if distributed.active() else [])))
+            loss, accuracy = _train_epoch(trained, optimizer, train_set, epoch, seed, batch_size, device,
+                                          num_workers, progress)
         validation = evaluate(model, split.val, eval_transform, class_names, device, batch_size, num_workers,
                               progress, 'validating')
         row = {'epoch': epoch, 'train_loss': loss, 'train_accuracy': accuracy, 'val_accuracy': validation.accuracy}
         state['history'].append(row)
-        if validation.accuracy > state['best_val_accuracy']:
+        improved = validation.accuracy > state['best_val_accuracy']
+        if improved:
             state['best_epoch'], state['best_val_accuracy'] = epoch, validation.accuracy
-            save_checkpoint(paths['checkpoint'], model,
-                            {**meta, 'epoch': epoch, 'val_accuracy': validation.accuracy,
-                             'versions': _versions()})
         state.update(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict())
-        _save_torch(state, paths['resume'])
+        distributed.on_main(lambda: _save_epoch(paths, model, state, meta if improved else None))
         epoch_bar.set_postfix(loss=f'{loss:.3f}', val=f'{validation.accuracy:.3f}',
                               best=f'{state["best_val_accuracy"]:.3f}')
 
     best_model, best_meta = load_checkpoint(paths['checkpoint'])
     test = evaluate(best_model, split.test, Transform.from_dict(best_meta['transform']), class_names, device,
                     batch_size, num_workers, progress, 'testing')
-    confusion_matrix_figure(paths['confusion'], test.matrix, class_names,
+    distributed.on_main(lambda: _save_test(paths, test, state, seed))
+    return TrainResult(paths, state['epoch'], resumed_from, state['best_epoch'], state['best_val_accuracy'],
+                       list(state['history']), test)
+
+
+def _save_epoch(paths, model, state, best_meta):
+    """Write the resume state of a finished epoch and, with ``best_meta``, the model as the best so far."""
+    if best_meta is not None:
+        save_checkpoint(paths['checkpoint'], model, {**best_meta, 'epoch': state['best_epoch'],
+                                                     'val_accuracy': state['best_val_accuracy'],
+                                                     'versions': _versions()})
+    _save_torch(state, paths['resume'])
+
+
+def _save_test(paths, test, state, seed):
+    """Write the test split's confusion matrix figure and results."""
+    confusion_matrix_figure(paths['confusion'], test.matrix, test.class_names,
                             title=f'{os.path.basename(paths["checkpoint"])} on the test split')
     atomic_write_json(paths['test'], {
         'checkpoint': paths['checkpoint'], 'split_file': paths['split'], 'best_epoch': state['best_epoch'],
         'val_accuracy': state['best_val_accuracy'], 'test': test.to_dict(), 'seed': int(seed),
         'versions': _versions(),
     })
-    return TrainResult(paths, state['epoch'], resumed_from, state['best_epoch'], state['best_val_accuracy'],
-                       list(state['history']), test)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This process's part of each batch of a shuffled epoch.
+
+    The epoch's order is a permutation of ``range(count)`` drawn from ``generator`` when iteration starts (as
+    torch's own shuffling draws it), cut into batches of ``batch_size``; each batch is dealt out over the
+    processes, every ``world_size``-th image to one. With several processes, a last batch too small to give every
+    process an image is dropped (a process without images would leave the others waiting for its gradients).
+    """
+    def __init__(self, count, batch_size, generator):
+        self.count, self.batch_size, self.generator = int(count), int(batch_size), generator
+        self.processes, self.position = distributed.world_size(), distributed.rank()
+
+    def batch_lengths(self):
+        """The whole batches' lengths (over all processes), in order."""
+        lengths = [min(self.batch_size, self.count - start) for start in range(0, self.count, self.batch_size)]
+        return [length for length in lengths if length >= self.processes]
+
+    def __len__(self):
+        return len(self.batch_lengths())
+
+    def __iter__(self):
+        order = torch.randperm(self.count, generator=self.generator).tolist()
+        for start, _ in zip(range(0, self.count, self.batch_size), self.batch_lengths()):
+            yield order[start:start + self.batch_size][self.position::self.processes]
 
 
 def _train_epoch(model, optimizer, dataset, epoch, seed, batch_size, device, num_workers, progress):
     """One pass over the training slices in the order of epoch ``epoch``; return mean loss and accuracy."""
     model.train()
     dataset.set_epoch(epoch)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(derived_seed(seed, epoch)),
-    )
+    generator = torch.Generator().manual_seed(derived_seed(seed, epoch))  # the order and the workers' seeds
+    sampler = EpochBatches(len(dataset), batch_size, generator)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                         generator=generator)
+    lengths = sampler.batch_lengths()
     total_loss, correct, count = 0., 0, 0
-    for images, labels in tqdm(loader, desc=f'epoch {epoch}', unit='batch', leave=False, disable=not progress):
+    for step, (images, labels) in enumerate(tqdm(loader, desc=f'epoch {epoch}', unit='batch', leave=False,
+                                                 disable=not progress)):
         images, labels = images.to(device), labels.to(device)
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
         loss = functional.cross_entropy(logits, labels)
-        loss.backward()
+        # DistributedDataParallel averages the processes' gradients (divides their sum by W); weighting each
+        # process's mean loss by W times its share of the batch makes that the gradient of the whole batch's mean
+        (loss * (len(labels) * distributed.world_size() / lengths[step])).backward()
         optimizer.step()
         total_loss += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         count += len(labels)
+    total_loss, correct, count = distributed.all_reduce_sum(torch.tensor([total_loss, correct, count],
+                                                                          dtype=torch.float64)).tolist()
     return total_loss / count, correct / count

@@ -14,7 +14,7 @@ from figshare_files import (
 )
 from lrp_brain import composites
 from lrp_brain.data import (
-    CLASS_NAMES, DataError, PatientLeakageWarning, SliceDataset, SliceInfo, Split, Transform, check_dataset,
+    CLASS_NAMES, MAX_SIDE, DataError, PatientLeakageWarning, SliceDataset, SliceInfo, Split, Transform, check_dataset,
     find_cvind, find_slices, load_split, make_split, natural_key, read_cvind, read_slice, scan, shared_patients,
     summarise_problems,
 )
@@ -587,3 +587,11 @@ def test_data_command_exit_codes(tmp_path, folder):
     assert f'{folder / "data" / "3.mat"}: ' in result.output and 'MATLAB v5' in result.output
     result = runner.invoke(main, ['data', str(folder), '--quiet', '--skip-bad'])
     assert result.exit_code == 0 and '--skip-bad: skipped 1 file: 1 MATLAB v5 MAT-file' in result.output
+
+
+@pytest.mark.parametrize('size', [0, -3, 2.5, True, MAX_SIDE + 1, 10 ** 6])
+def test_transform_size_outside_1_to_max_side_is_refused(size):
+    """A size from a checkpoint's metadata is never trusted: 10⁶ would allocate a 10⁶ × 10⁶ image per slice."""
+    with pytest.raises(DataError, match=f'transform size must be an integer from 1 to {MAX_SIDE}, got {size!r}'):
+        Transform.from_dict({'size': size})
+    assert Transform(size=MAX_SIDE).size == MAX_SIDE and Transform(size=1.0).size == 1

@@ -1,19 +1,17 @@
 """``lrp-brain evaluate``: per-image rows and a summary that agree, resuming after a kill, refusing a changed run."""
-import csv
 import json
 import math
 import os
+import signal
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from lrp_brain.cli import main
-from lrp_brain.data import Transform
 from lrp_brain.evaluate import METRICS, evaluate, open_source
-from lrp_brain.model import default_meta, save_checkpoint, vgg16_small
 from lrp_brain.outputs import ResumeError, RowLog
-from lrp_brain.phantom import write_phantoms
+
+from command_setup import JOBS, read_csv, run, write_setup
 
 pytestmark = pytest.mark.zennit_both
 
@@ -21,19 +19,7 @@ pytestmark = pytest.mark.zennit_both
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp('evaluate')
-    data = folder / 'phantoms'
-    write_phantoms(data, 40, seed=5, sizes=(64,), quiet=True)
-    torch.manual_seed(0)
-    model = vgg16_small(width=4)
-    meta = {**default_meta('vgg16', 4), 'transform': Transform(size=32).to_dict(), 'input_size': 32}
-    checkpoint = folder / 'model.pt'
-    save_checkpoint(checkpoint, model, meta)
-    return folder, str(data), str(checkpoint)
-
-
-def read_csv(path):
-    with open(path) as file:
-        return list(csv.DictReader(file))
+    return (folder, *write_setup(folder))
 
 
 def test_cli_writes_rows_and_summary_that_agree(setup):
@@ -63,26 +49,27 @@ def test_cli_writes_rows_and_summary_that_agree(setup):
     assert (out / 'figures' / 'best1.png').stat().st_size > 0 and (out / 'figures' / 'worst1.png').exists()
 
 
-def test_resume_after_a_kill_gives_the_same_rows(setup):
+@pytest.mark.parametrize('resume_processes', [None, 2], ids=['resumed alone', 'resumed under torchrun'])
+def test_killed_evaluate_resumes_to_the_same_rows(setup, resume_processes):
+    """SIGKILL while the 5th row is half written (batches of 3: the 2nd batch has one row on disk), then rerun: the
+    torn line is dropped, the 2nd batch recomputed whole, and the rows equal an uninterrupted run's, one per image."""
     folder, data, checkpoint = setup
-    source = open_source(checkpoint, data, quiet=True)
-    full_rows, _ = evaluate(source, out=str(folder / 'full'), progress=False, batch_size=3)
+    command = ['evaluate', '--data', data, '--checkpoint', checkpoint, '--quiet', '--device', 'cpu',
+               '--batch-size', '3', '--figures', '0']
+    reference = folder / 'uninterrupted'
+    if not (reference / 'rows.csv').exists():
+        run(['-m', 'lrp_brain', *command, '--out', str(reference)])
+    out = folder / f'killed-{resume_processes}'
+    killed = run([JOBS, 'killed', '4', *command, '--out', str(out)], check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    lines = (out / 'rows.jsonl').read_text().split('\n')
+    assert len(lines) == 5 and lines[-1] == '{"file": "half a row' and not (out / 'rows.csv').exists()
 
-    # a run killed after 4 images, mid-way through writing the 5th row
-    out = folder / 'killed'
-    evaluate(source, out=str(out), progress=False, batch_size=3)
-    log = out / 'rows.jsonl'
-    lines = log.read_text().splitlines(keepends=True)
-    log.write_text(''.join(lines[:4]) + lines[4][:17])
-    os.unlink(out / 'rows.csv')
-
-    resumed, _ = evaluate(source, out=str(out), progress=False, batch_size=3)
-    assert [row['file'] for row in resumed] == [row['file'] for row in full_rows]
-    for row, reference in zip(resumed, full_rows):
-        for name in METRICS:
-            assert row[name] == pytest.approx(reference[name], rel=1e-6, nan_ok=True)
-    assert len(read_csv(out / 'rows.csv')) == len(full_rows)
-    assert len(log.read_text().splitlines()) == len(full_rows)
+    run(['-m', 'lrp_brain', *command, '--out', str(out)], processes=resume_processes)
+    assert read_csv(out / 'rows.csv') == read_csv(reference / 'rows.csv')
+    files = [json.loads(line)['file'] for line in (out / 'rows.jsonl').read_text().splitlines()]
+    assert sorted(files) == sorted(row['file'] for row in read_csv(reference / 'rows.csv'))
+    assert len(files) == len(set(files)) == 14
 
 
 def test_resume_with_other_arguments_is_refused(setup):
@@ -92,6 +79,21 @@ def test_resume_with_other_arguments_is_refused(setup):
     evaluate(source, out=out, progress=False, epsilon=0.25)
     with pytest.raises(ResumeError, match='settings'):
         evaluate(source, out=out, progress=False, epsilon=0.5)
+    with pytest.raises(ResumeError, match='batch_size'):
+        evaluate(source, out=out, progress=False, epsilon=0.25, batch_size=5)
+
+
+def test_resume_under_other_library_versions_is_refused(setup, monkeypatch):
+    import lrp_brain.outputs
+
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    out = str(folder / 'upgraded')
+    evaluate(source, out=out, progress=False)
+    versions = lrp_brain.outputs.library_versions()
+    monkeypatch.setattr(lrp_brain.outputs, 'library_versions', lambda: {**versions, 'zennit': '9.9.9'})
+    with pytest.raises(ResumeError, match='holds an unfinished run with different versions'):
+        evaluate(source, out=out, progress=False)
 
 
 def test_row_log_drops_a_torn_line_and_duplicates(tmp_path):

@@ -162,14 +162,18 @@ def test_shape_mismatch_names_the_layer(tmp_path):
     assert 'classifier.6.bias: checkpoint (4,) vs model (3,)' in str(error.value)
 
 
-def test_wrong_architecture_names_the_layers(tmp_path):
-    path = tmp_path / 'vgg13.pt'
-    save_checkpoint(path, build_model('vgg13', width=4), {})
+@pytest.mark.parametrize('saved, labelled, problem', [
+    ('vgg13', 'vgg11', 'missing features'),  # the metadata names a shallower network
+    ('vgg11', 'vgg16', r'missing features\.2\.weight; missing features\.2\.bias; .*; and 32 more$'),
+])
+def test_wrong_architecture_names_the_layers(tmp_path, saved, labelled, problem):
+    path = tmp_path / f'{saved}.pt'
+    save_checkpoint(path, build_model(saved, width=4), {})
     payload = torch.load(path, weights_only=True)
-    payload['meta']['arch'] = 'vgg11'
+    payload['meta']['arch'] = labelled
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match=r'vgg13.pt: the weights, vgg13 \(width 4, 3 classes\), do not fit '
-                                              r'vgg11 .*missing features\.'):
+    with pytest.raises(CheckpointError, match=rf'{saved}.pt: the weights, {saved} \(width 4, 3 classes\), do not '
+                                              rf'fit {labelled} \(width 4, 3 classes\): .*{problem}'):
         load_checkpoint(path)
 
 

@@ -1,7 +1,5 @@
 """``lrp-brain sweep``: chosen on validation, reported on test, equal to single evaluations, and kill-safe."""
-import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,11 +8,10 @@ import time
 import pytest
 import torch
 
-from lrp_brain.data import Transform
 from lrp_brain.evaluate import evaluate, open_source
-from lrp_brain.model import default_meta, save_checkpoint, vgg16_small
-from lrp_brain.phantom import write_phantoms
-from lrp_brain.sweep import SEED_STUDY, run_sweep
+from lrp_brain.sweep import SEED_STUDY, SweepError, run_sweep
+
+from command_setup import read_csv, write_setup
 
 pytestmark = pytest.mark.zennit_both
 
@@ -24,23 +21,7 @@ EPSILONS, GAMMAS = (0., 0.25, 10.), (0., 0.1, 1.)
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp('sweep')
-    data = folder / 'phantoms'
-    write_phantoms(data, 60, seed=7, sizes=(64,), quiet=True)
-    torch.manual_seed(1)
-    model = vgg16_small(width=4)
-    for module in model.modules():  # He initialisation and non-zero biases: relevance well above rounding
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(module.weight)
-            torch.nn.init.normal_(module.bias, std=0.05)
-    meta = {**default_meta('vgg16', 4), 'transform': Transform(size=32).to_dict(), 'input_size': 32}
-    checkpoint = folder / 'model.pt'
-    save_checkpoint(checkpoint, model, meta)
-    return folder, str(data), str(checkpoint)
-
-
-def read_csv(path):
-    with open(path) as file:
-        return list(csv.DictReader(file))
+    return (folder, *write_setup(folder, phantoms=60, data_seed=7, model_seed=1, he_init=True))
 
 
 @pytest.fixture(scope='module')
@@ -130,3 +111,18 @@ def test_seed_study_preset_states_its_bias(setup, tmp_path, monkeypatch):
     assert choice['grid']['input_size'] == 256
     assert 'study_choice' in choice and choice['selected_on'] == 'val'
     assert len(read_csv(out / 'sweep.csv')) == 9
+
+
+def test_nan_relevance_stops_the_sweep_naming_image_and_setting(setup, tmp_path):
+    """A network whose first convolution is all zero (and whose biases are zero) outputs 0 in every layer; ε·std(z)
+    is then 0 / 0. The sweep stops with the image and the setting instead of passing NaN on."""
+    folder, data, _ = setup
+    _, checkpoint = write_setup(tmp_path, phantoms=0)
+    payload = torch.load(checkpoint, weights_only=True)
+    payload['state_dict']['features.0.weight'].zero_()
+    torch.save(payload, checkpoint)
+    source = open_source(checkpoint, data, quiet=True)
+    with pytest.raises(SweepError, match=r'the relevance of [^ ]+\.mat.* is NaN or infinite with epsilon=0.25, '
+                                         r"gamma=0.1 and \{'std_epsilon': True\}; std_epsilon=True gives 0 / 0"):
+        run_sweep(source, [0.25], [0.1], progress=False, composite_kwargs={'std_epsilon': True})
+    run_sweep(source, [0.25], [0.1], progress=False)  # plain ε: finite (all zero), no error
