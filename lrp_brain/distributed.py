@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 
 class DistributedError(RuntimeError):
-    """Another process of the job failed; raised in the processes that did not."""
+    """An error of a process that could not be sent to the others as itself (it cannot be pickled): its type and
+    message, raised in every process."""
 
 
 def launched():
