@@ -22,12 +22,10 @@ when ``ε = 0``), optionally times the population standard deviation of ``z`` pe
 z^B and Norm. The conv blocks are found from the max-pools of ``model.features``. With ``zero_bias`` every rule drops
 the biases from its denominators, but LRP-γ still picks ``z⁺`` or ``z⁻`` by the sign of the real output (as Zennit).
 
-The end of the module builds the networks the tests check it on (:func:`random_vgg`, :func:`fold_batch_norms`) and
-holds the test modules' shared :func:`single_threaded` fixture.
+The end of the module builds the networks the tests check it on (:func:`random_vgg`, :func:`fold_batch_norms`).
 """
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -396,13 +394,3 @@ def fold_batch_norms(model):
             conv.bias.copy_((conv.bias - module.running_mean) * scale + module.bias)
         folded.features[index] = nn.Identity()
     return folded
-
-
-@pytest.fixture(scope='module')
-def single_threaded():
-    """Run a test module with one torch thread: on tensors this small the thread pool only adds overhead, and on a
-    busy machine its spinning threads make the tests many times slower. The previous count is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

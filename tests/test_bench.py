@@ -6,7 +6,6 @@ from click.testing import CliRunner
 
 from lrp_brain import bench
 from lrp_brain.cli import main
-from reference_lrp import single_threaded  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 

@@ -12,7 +12,7 @@ from zennit.composites import COMPOSITES
 
 import lrp_brain
 from lrp_brain.composites import VGGComposite, format_rule_table, rule_table, zbox_bounds
-from reference_lrp import random_vgg, reference_lrp, single_threaded  # noqa: F401 (single_threaded is a fixture)
+from reference_lrp import random_vgg, reference_lrp
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 

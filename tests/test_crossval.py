@@ -9,8 +9,8 @@ from torch import nn
 from zennit.attribution import Gradient
 
 from lrp_brain.composites import VGGComposite
-from reference_lrp import (  # noqa: F401 (single_threaded is a fixture)
-    fold_batch_norms, randomize_biases_and_statistics, random_vgg, reference_lrp, single_threaded,
+from reference_lrp import (
+    fold_batch_norms, randomize_biases_and_statistics, random_vgg, reference_lrp,
 )
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]

@@ -10,7 +10,7 @@ from zennit.torchvision import VGGCanonizer
 from lrp_brain.composites import VGGComposite
 from lrp_brain.explain import METHODS, ExplainError, explain, explain_all_classes, resolve_targets
 
-pytestmark = pytest.mark.zennit_both
+pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 
 #: VGG16's layer configuration with the widths divided by 16.
 SMALL_VGG16_CFG = [4, 4, 'M', 8, 8, 'M', 16, 16, 16, 'M', 32, 32, 32, 'M', 32, 32, 32, 'M']
@@ -41,15 +41,6 @@ def small_vgg16(batch_norm=False, seed=0):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
     return model.eval()
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Run the tiny models on one thread: several threads only add overhead (and oversubscribe a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

@@ -15,7 +15,6 @@ from lrp_brain.evaluate import parse_target
 from lrp_brain.explain import ExplainError, explain
 from lrp_brain.model import DEMO_MODEL_PATH, default_meta, load_checkpoint, save_checkpoint, vgg16_small
 from lrp_brain.phantom import write_phantoms
-from reference_lrp import single_threaded  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 

@@ -20,7 +20,7 @@ from lrp_brain.explain import ExplainError, explain
 from lrp_brain.metrics import MetricError, evaluate_maps
 from lrp_brain.model import vgg16_small
 from lrp_brain.sweep import SweepEngine, SweepError
-from reference_lrp import randomize_biases_and_statistics, reference_lrp, single_threaded  # noqa: F401 (a fixture)
+from reference_lrp import randomize_biases_and_statistics, reference_lrp
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 

@@ -10,7 +10,7 @@ from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite
 
 from lrp_brain import rules
 from lrp_brain.composites import VGGComposite
-from reference_lrp import random_vgg, single_threaded  # noqa: F401 (single_threaded is a fixture)
+from reference_lrp import random_vgg
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 

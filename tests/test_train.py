@@ -15,17 +15,10 @@ from lrp_brain.train import (
     Evaluation, LabelledSlices, confusion_matrix, derived_seed, output_paths, train,
 )
 
+pytestmark = pytest.mark.usefixtures('single_threaded')
+
 # a tiny VGG16 topology on 32 px input: a few seconds per run on two cores
 TINY = dict(arch='vgg16', width=4, size=32, batch_size=8, lr=1e-3, seed=3, progress=False)
-
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # models this small run faster on one thread, and far faster than two threads on a busy two-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
