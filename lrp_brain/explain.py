@@ -160,6 +160,12 @@ def _image_list(indices):
     return f'{indices[0]} (images with them: {indices[:10]}{" ..." if len(indices) > 10 else ""})'
 
 
+def _non_finite_images(batch, offset=0):
+    """The indices (plus ``offset``) of the images of ``batch`` (N, ...) that hold NaN or inf."""
+    finite = torch.isfinite(batch.detach()).flatten(start_dim=1).all(dim=1)
+    return [index + offset for index in (~finite).nonzero().flatten().tolist()]
+
+
 def _check_images(images):
     if not isinstance(images, torch.Tensor):
         raise ExplainError(f'images must be a torch.Tensor (N, C, H, W), got {type(images).__name__}')
@@ -167,9 +173,9 @@ def _check_images(images):
         raise ExplainError(f'images must be (N, C, H, W), got shape {tuple(images.shape)}')
     if not images.is_floating_point():
         raise ExplainError(f'images must be floating point, got dtype {images.dtype}')
-    finite = torch.isfinite(images.detach()).flatten(start_dim=1).all(dim=1)
-    if not finite.all():
-        raise ExplainError(f'image {_image_list((~finite).nonzero().flatten().tolist())} has NaN or infinite values')
+    bad = _non_finite_images(images)
+    if bad:
+        raise ExplainError(f'image {_image_list(bad)} has NaN or infinite values')
 
 
 def _check_finite_results(logits, relevance, offset, method, settings):
@@ -177,14 +183,13 @@ def _check_finite_results(logits, relevance, offset, method, settings):
 
     ``offset`` is the batch's first image index; ``settings`` ends the message (see :func:`_settings_in_words`).
     """
-    bad_logits = (~torch.isfinite(logits.detach()).all(dim=1)).nonzero().flatten()
-    if len(bad_logits):
-        raise ExplainError(f'the model output of image {_image_list((bad_logits + offset).tolist())} is NaN or '
-                           f'infinite: the model (its weights) is broken for this input')
-    bad_relevance = (~torch.isfinite(relevance.detach()).flatten(start_dim=1).all(dim=1)).nonzero().flatten()
-    if len(bad_relevance):
-        raise ExplainError(f'the {method} relevance of image {_image_list((bad_relevance + offset).tolist())} is NaN '
-                           f'or infinite{settings}')
+    bad_logits = _non_finite_images(logits, offset)
+    if bad_logits:
+        raise ExplainError(f'the model output of image {_image_list(bad_logits)} is NaN or infinite: the model (its '
+                           f'weights) is broken for this input')
+    bad_relevance = _non_finite_images(relevance, offset)
+    if bad_relevance:
+        raise ExplainError(f'the {method} relevance of image {_image_list(bad_relevance)} is NaN or infinite{settings}')
 
 
 def _settings_in_words(method, epsilon, gamma, composite_kwargs):
