@@ -661,19 +661,19 @@ def _score_part(source, part, engine, quantiles, *, batch_size, device, out, ide
         labels = torch.tensor([item['label'] for item in items])
         scores = [{} for _ in items]
         for eps_index, gamma_index, relevance in engine.iter_relevance(images, labels.to(device)):
-            finite = relevance.isfinite().flatten(1).all(1).cpu()
-            if not finite.all():
-                bad = [keys[indices[position]] for position in (~finite).nonzero().flatten().tolist()]
-                raise SweepError(
-                    f'the relevance of {", ".join(bad[:5])} is NaN or infinite with epsilon='
-                    f'{engine.epsilons[eps_index]:g}, gamma={engine.gammas[gamma_index]:g}'
-                    + (f' and {composite_kwargs}' if composite_kwargs else '')
-                    + ('; std_epsilon=True gives 0 / 0 where a layer output is constant (e.g. an all-zero image)'
-                       if (composite_kwargs or {}).get('std_epsilon') else '')
-                )
+            epsilon, gamma = engine.epsilons[eps_index], engine.gammas[gamma_index]
             for quantile in quantiles:
-                values = metrics.evaluate_maps(relevance.cpu(), masks, quantile, names=[keys[i] for i in indices])
-                key = _setting_key(engine.epsilons[eps_index], engine.gammas[gamma_index], quantile)
+                try:
+                    values = metrics.evaluate_maps(relevance.cpu(), masks, quantile,
+                                                   names=[keys[i] for i in indices])
+                except metrics.MetricError as error:  # NaN relevance, named by image: add the setting
+                    raise SweepError(
+                        f'{error} with epsilon={epsilon:g}, gamma={gamma:g}'
+                        + (f' and {composite_kwargs}' if composite_kwargs else '')
+                        + ('; std_epsilon=True gives 0 / 0 where a layer output is constant (e.g. an all-zero image)'
+                           if (composite_kwargs or {}).get('std_epsilon') else '')
+                    ) from error
+                key = _setting_key(epsilon, gamma, quantile)
                 for position, score in enumerate(scores):
                     score[key] = {name: float(values[name][position]) for name in METRICS}
         return [{'file': keys[index], 'label': item['label'], 'scores': score}

@@ -122,7 +122,8 @@ def test_nan_relevance_stops_the_sweep_naming_image_and_setting(setup, tmp_path)
     payload['state_dict']['features.0.weight'].zero_()
     torch.save(payload, checkpoint)
     source = open_source(checkpoint, data, quiet=True)
-    with pytest.raises(SweepError, match=r'the relevance of [^ ]+\.mat.* is NaN or infinite with epsilon=0.25, '
-                                         r"gamma=0.1 and \{'std_epsilon': True\}; std_epsilon=True gives 0 / 0"):
+    with pytest.raises(SweepError, match=r"^relevance of image 0 \('[^']+\.mat'\).* contains NaN or inf values with "
+                                         r"epsilon=0.25, gamma=0.1 and \{'std_epsilon': True\}; std_epsilon=True "
+                                         r'gives 0 / 0'):
         run_sweep(source, [0.25], [0.1], progress=False, composite_kwargs={'std_epsilon': True})
     run_sweep(source, [0.25], [0.1], progress=False)  # plain ε: finite (all zero), no error
