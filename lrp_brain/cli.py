@@ -41,7 +41,8 @@ def source_options(command):
 @contextmanager
 def processes(device):
     """Join the torchrun process group if launched by torchrun (one process otherwise); yield this process's device.
-    Only rank 0 prints results."""
+    A ValueError of the body (the project's errors: bad data, checkpoint, parameters) becomes the command's error
+    message. Only rank 0 prints results."""
     from lrp_brain import distributed
 
     try:
@@ -50,8 +51,10 @@ def processes(device):
         raise click.ClickException(str(error)) from error
     try:
         yield device
-    except BaseException:
+    except BaseException as error:
         distributed.finish(wait=False)  # the others may be elsewhere: no last barrier
+        if isinstance(error, ValueError):
+            raise click.ClickException(str(error)) from error
         raise
     distributed.finish()
 
@@ -61,15 +64,6 @@ def _echo(message):
 
     if distributed.is_main():
         click.echo(message)
-
-
-def _open_source(checkpoint, data, split_file, split_method, split_seed, quiet, size=None):
-    from lrp_brain.evaluate import open_source
-
-    try:
-        return open_source(checkpoint, data, split_file, split_method, split_seed, size=size, quiet=quiet)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
 
 
 # --- explain ------------------------------------------------------------------------------------------------------
@@ -143,17 +137,14 @@ def evaluate_command(checkpoint, data, split_file, split_method, split_seed, dev
     """Explain every image of a split and score how well the relevance covers the tumour: writes rows.csv (one row
     per image: file, patient, label, prediction, probabilities, every metric) and summary.json (means, 95 %
     bootstrap CIs, per class, settings, fingerprints, excluded images). A killed run resumes when run again."""
-    from lrp_brain.evaluate import METRICS, evaluate
+    from lrp_brain.evaluate import METRICS, evaluate, open_source
 
     with processes(device) as device:
-        source = _open_source(checkpoint, data, split_file, split_method, split_seed, quiet)
-        try:
-            rows, summary = evaluate(
-                source, part, method=method, epsilon=epsilon, gamma=gamma, quantile=quantile, target=target,
-                batch_size=batch_size, device=device, out=out, progress=not quiet, figures=figures,
-            )
-        except ValueError as error:
-            raise click.ClickException(str(error)) from error
+        source = open_source(checkpoint, data, split_file, split_method, split_seed, quiet=quiet)
+        rows, summary = evaluate(
+            source, part, method=method, epsilon=epsilon, gamma=gamma, quantile=quantile, target=target,
+            batch_size=batch_size, device=device, out=out, progress=not quiet, figures=figures,
+        )
         _echo(f'{len(rows)} {part} images, accuracy {summary["accuracy"]:.3f}, method {method}'
               + (f' (ε={epsilon:g}, γ={gamma:g})' if method == 'lrp' else '') + f', quantile {quantile:g}')
         for name in METRICS:
@@ -189,6 +180,7 @@ def sweep_command(checkpoint, data, split_file, split_method, split_seed, device
     """Score every ε×γ (×quantile) setting by mean IoU on the validation split, choose the best there and report
     it (and the whole grid) on the test split. Writes sweep.csv, heatmap.png and choice.json; an interrupted sweep
     resumes when run again with the same arguments."""
+    from lrp_brain.evaluate import open_source
     from lrp_brain.sweep import SEED_STUDY, SEED_STUDY_BIAS, run_sweep
 
     size, notes = None, None
@@ -201,12 +193,9 @@ def sweep_command(checkpoint, data, split_file, split_method, split_seed, device
     with processes(device) as device:
         if notes:
             _echo(notes)
-        source = _open_source(checkpoint, data, split_file, split_method, split_seed, quiet, size=size)
-        try:
-            result = run_sweep(source, epsilons, gammas, quantiles, out=out, batch_size=batch_size, device=device,
-                               progress=not quiet, allow_negative=seed_study, notes=notes)
-        except ValueError as error:
-            raise click.ClickException(str(error)) from error
+        source = open_source(checkpoint, data, split_file, split_method, split_seed, size=size, quiet=quiet)
+        result = run_sweep(source, epsilons, gammas, quantiles, out=out, batch_size=batch_size, device=device,
+                           progress=not quiet, allow_negative=seed_study, notes=notes)
         best = result.best
         _echo(f'{len(result.table)} settings; best on validation: ε={best["epsilon"]:g}, γ={best["gamma"]:g}, '
               f'quantile {best["quantile"]:g}')
@@ -250,12 +239,9 @@ def train_command(data, phantoms, arch, width, epochs, out, size, batch_size, lr
     from lrp_brain.train import train
 
     with processes(device) as device:
-        try:
-            result = train(data, out, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                           size=size, split_file=split_file, seed=seed, device=device, init_weights=init_weights,
-                           num_workers=workers, progress=not quiet, phantoms=phantoms)
-        except ValueError as error:
-            raise click.ClickException(str(error)) from error
+        result = train(data, out, arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr, size=size,
+                       split_file=split_file, seed=seed, device=device, init_weights=init_weights,
+                       num_workers=workers, progress=not quiet, phantoms=phantoms)
         if result.resumed_from:
             _echo(f'resumed after epoch {result.resumed_from}')
         _echo(f'best epoch {result.best_epoch} of {result.epochs}: validation accuracy {result.val_accuracy:.4f}')
