@@ -12,7 +12,7 @@ import csv
 import json
 import os
 
-from lrp_brain.evaluate import open_source
+from lrp_brain.sources import open_source
 from lrp_brain.phantom import phantom_dataset
 from lrp_brain.sweep import run_sweep
 

@@ -95,7 +95,8 @@ def explain_command(inputs, checkpoint, data, indices, epsilon, gamma, target, m
     <name>.classes.png (one map per class) and <name>.classes.npy (K×C×H×W, row k explaining class k). With no
     INPUT and no --data it explains one phantom slice per class (generated in the cache folder on first use), by
     default with the demo model and --target all."""
-    from lrp_brain.evaluate import explain_inputs, gather_inputs, open_model
+    from lrp_brain.explain_files import explain_inputs, gather_inputs
+    from lrp_brain.sources import open_model
     from lrp_brain.model import resolve_device
 
     if (data is None) != (not indices):
@@ -137,7 +138,9 @@ def evaluate_command(checkpoint, data, split_file, split_method, split_seed, dev
     """Explain every image of a split and score how well the relevance covers the tumour: writes rows.csv (one row
     per image: file, patient, label, prediction, probabilities, every metric) and summary.json (means, 95 %
     bootstrap CIs, per class, settings, fingerprints, excluded images). A killed run resumes when run again."""
-    from lrp_brain.evaluate import METRICS, evaluate, open_source
+    from lrp_brain.evaluate import evaluate
+    from lrp_brain.metrics import METRICS
+    from lrp_brain.sources import open_source
 
     with processes(device) as device:
         source = open_source(checkpoint, data, split_file, split_method, split_seed, quiet=quiet)
@@ -180,7 +183,7 @@ def sweep_command(checkpoint, data, split_file, split_method, split_seed, device
     """Score every ε×γ (×quantile) setting by mean IoU on the validation split, choose the best there and report
     it (and the whole grid) on the test split. Writes sweep.csv, heatmap.png and choice.json; an interrupted sweep
     resumes when run again with the same arguments."""
-    from lrp_brain.evaluate import open_source
+    from lrp_brain.sources import open_source
     from lrp_brain.sweep import SEED_STUDY, SEED_STUDY_BIAS, run_sweep
 
     size, notes = None, None
@@ -268,7 +271,7 @@ def check_command(context, checkpoint, arch, size, epsilon, gamma, seed):
     conservation per layer group. Exits with 1 when the model is not safe to explain."""
     import torch
 
-    from lrp_brain.canonizers import check_model, probe_input
+    from lrp_brain.check import check_model, probe_input
     from lrp_brain.composites import zbox_bounds
     from lrp_brain.model import build_model, default_meta, load_checkpoint, load_demo_model
 

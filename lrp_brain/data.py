@@ -55,6 +55,9 @@ MAX_FILE_BYTES = 256 * 2 ** 20
 #: Separates a zip file from its member in a slice reference.
 ZIP_SEPARATOR = '::'
 
+#: Suffixes of the image files read besides Figshare ``.mat`` slices.
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+
 #: The largest array read into memory, in bytes: an image of MAX_SIDE² float64 values.
 MAX_ARRAY_BYTES = MAX_SIDE ** 2 * 8
 #: The longest patient id accepted, in characters (the Figshare ones have 6 to 12).
@@ -565,6 +568,41 @@ def read_slice(ref):
     ref = os.fspath(ref)
     with _open_mat(ref) as (file, digest):
         return _slice_from_file(file, ref, digest)
+
+
+def read_image_file(path):
+    """Read a PNG or JPEG image as one grey channel, the mean of its colour channels (an alpha channel is dropped).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` float64, in the file's own value range.
+
+    Raises
+    ------
+    DataError
+        Naming the file: missing, unreadable, or not a 2-D grey or colour image with sides of 2 to ``MAX_SIDE``.
+    """
+    from skimage.io import imread
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError('no such file', path, 'missing file')
+    try:
+        pixels = np.asarray(imread(path))
+    except (OSError, ValueError, SyntaxError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f'cannot be read as an image ({reason})', path, 'unreadable image') from None
+    if pixels.ndim == 3 and pixels.shape[-1] in (2, 4):
+        pixels = pixels[..., :-1]  # grey + alpha, RGB + alpha
+    if pixels.ndim == 3 and pixels.shape[-1] in (1, 3):
+        pixels = pixels.mean(axis=-1)
+    if pixels.ndim != 2 or not all(2 <= side <= MAX_SIDE for side in pixels.shape):
+        raise DataError(f'image has shape {pixels.shape}; expected a grey or colour image with sides from 2 to '
+                        f'{MAX_SIDE}', path, 'wrong shape')
+    if not np.isfinite(pixels).all():
+        raise DataError('image holds NaN or infinite values', path, 'invalid values')
+    return pixels.astype(np.float64)
 
 
 # --- scanning a dataset -------------------------------------------------------------------------------------------

@@ -63,6 +63,12 @@ import torch.nn.functional as F
 #: Mask values at or above this are tumour.
 MASK_THRESHOLD = 0.5
 
+#: The per-image localisation metrics of :func:`evaluate_maps`, in the column order of the outputs.
+METRICS = ('iou', 'precision', 'recall', 'f1', 'pixel_accuracy', 'pointing_game', 'mass_accuracy', 'rank_accuracy')
+
+#: The flags of :func:`evaluate_maps`: why an image may be left out of a metric's mean.
+FLAGS = ('empty_mask', 'empty_selection', 'no_positive')
+
 
 class MetricError(ValueError):
     """An input the localisation metrics cannot evaluate: a wrong shape, a non-finite value, a bad parameter."""

@@ -39,7 +39,7 @@ from zennit.core import expand
 
 from lrp_brain import distributed
 from lrp_brain.composites import STABILIZER, VGGComposite
-from lrp_brain.evaluate import METRICS
+from lrp_brain.metrics import METRICS
 from lrp_brain.outputs import atomic_write_csv, atomic_write_json
 from lrp_brain.versions import library_versions
 
@@ -711,8 +711,8 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
 
     Parameters
     ----------
-    source: lrp_brain.evaluate.Source
-        Model and data (see :func:`lrp_brain.evaluate.open_source`).
+    source: lrp_brain.sources.Source
+        Model and data (see :func:`lrp_brain.sources.open_source`).
     epsilons, gammas: sequence of float
         The grid.
     quantiles: sequence of float

@@ -8,7 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from lrp_brain.cli import main
-from lrp_brain.evaluate import METRICS, evaluate, open_source
+from lrp_brain.evaluate import evaluate
+from lrp_brain.metrics import METRICS
+from lrp_brain.sources import open_source
 from lrp_brain.outputs import ResumeError, RowLog
 
 from command_setup import JOBS, read_csv, run, write_setup

@@ -11,7 +11,7 @@ from skimage.io import imsave
 
 from lrp_brain.cli import main
 from lrp_brain.data import CLASS_NAMES, Transform, find_slices, read_slice
-from lrp_brain.evaluate import parse_target
+from lrp_brain.explain_files import parse_target
 from lrp_brain.explain import ExplainError, explain
 from lrp_brain.model import DEMO_MODEL_PATH, default_meta, load_checkpoint, save_checkpoint, vgg16_small
 from lrp_brain.phantom import write_phantoms

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from lrp_brain.evaluate import evaluate, open_source
+from lrp_brain.evaluate import evaluate
+from lrp_brain.sources import open_source
 from lrp_brain.sweep import SEED_STUDY, SweepError, run_sweep
 
 from command_setup import read_csv, write_setup
