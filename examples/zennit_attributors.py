@@ -63,7 +63,8 @@ def main():
         'gradient': Gradient(model),
         'lrp': Gradient(model, composite),
         'smoothgrad': SmoothGrad(model, noise_level=0.1, n_iter=args.n_iter),
-        'smooth_lrp': SmoothGrad(model, composite, noise_level=0.1, n_iter=args.n_iter),
+        # the noisy copies leave [0, 1], so the composite takes each copy's own z^B box (low=None, high=None)
+        'smooth_lrp': SmoothGrad(model, VGGComposite(epsilon=0.25, gamma=0.1), noise_level=0.1, n_iter=args.n_iter),
     }
     one_hot = torch.eye(len(meta['class_names']))[[item.label]]  # output relevance: 1 at the true class
 

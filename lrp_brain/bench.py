@@ -10,8 +10,11 @@ evaluation mode) for one target per image, with a one-hot output relevance:
 - ``captum LRP``: Captum's ``LRP`` with the seed mapping as far as Captum has the rules (γ for the first convolution,
   which Captum has no z^B for; Captum's ε on pooling layers), when Captum is installed;
 - ``lrp_brain VGGComposite``: the project composite with the fast rules (``fast=True``);
-- ``lrp_brain sweep``: one call of :class:`lrp_brain.sweep.SweepEngine` over an 11×11 ε×γ grid, reported per
-  setting (its time divided by 121), so that it compares with one explanation.
+- ``lrp_brain sweep``: one call of :class:`lrp_brain.sweep_engine.SweepEngine` over an 11×11 ε×γ grid, reported per
+  setting (its time divided by 121), so that it compares with one explanation;
+- ``faithfulness MoRF+LeRF``: region perturbation (:func:`lrp_brain.faithfulness.morf_lerf`, 16 steps each, the
+  project's default settings) of the sweep engine's maps of a 2×2 grid, reported per (image, setting): what a sweep
+  with a faithfulness objective adds to each setting's relevance (the maps are computed once, outside the timing).
 
 The methods are warmed up first, then timed round-robin, one call of each per round, so that drift of a shared
 machine touches all of them alike; the table gives the median and the fastest call.
@@ -28,13 +31,17 @@ import torch
 from tqdm import tqdm
 from zennit.composites import EpsilonGammaBox
 
+from lrp_brain import faithfulness
 from lrp_brain.composites import STABILIZER, VGGComposite
 from lrp_brain.model import build_model, resolve_device
-from lrp_brain.sweep import SweepEngine
+from lrp_brain.sweep_engine import SweepEngine
 from lrp_brain.versions import library_versions
 
 #: The ε and the γ values of the sweep row's grid (11 each, 121 settings).
 SWEEP_VALUES = tuple(round(0.1 * step, 1) for step in range(11))
+
+#: The ε and the γ values whose maps the faithfulness row perturbs (4 maps per image, as a sweep hands them over).
+FAITHFULNESS_VALUES = (0.1, 1.)
 
 #: Standard deviation of the random biases the benchmark model gets (torchvision initialises them to zero).
 BIAS_STD = 0.01
@@ -192,7 +199,29 @@ def _methods(model, low, high, notes):
     engine = SweepEngine(model, SWEEP_VALUES, SWEEP_VALUES, low, high)
     methods.append(('lrp_brain sweep', engine.relevance, len(SWEEP_VALUES) ** 2,
                     f'{len(SWEEP_VALUES)}x{len(SWEEP_VALUES)} grid: time per setting, memory per call'))
+    maps = _FaithfulnessMaps(SweepEngine(model, FAITHFULNESS_VALUES, FAITHFULNESS_VALUES, low, high))
+    steps = faithfulness.DEFAULTS['steps']
+    methods.append((
+        'faithfulness MoRF+LeRF',
+        lambda images, targets: faithfulness.morf_lerf(model, images, maps(images, targets), targets,
+                                                       **faithfulness.DEFAULTS),
+        len(FAITHFULNESS_VALUES) ** 2,
+        f'{steps} steps each, {len(FAITHFULNESS_VALUES) ** 2} sweep maps per image: time per (image, setting), '
+        f'{faithfulness.forwards_per_map(steps, len(FAITHFULNESS_VALUES) ** 2):.2f} forwards each',
+    ))
     return methods
+
+
+class _FaithfulnessMaps:
+    """The sweep engine's maps of the bench's images, computed once (the faithfulness row times the perturbation
+    alone): ``(S, N, C, H, W)``."""
+    def __init__(self, engine):
+        self.engine, self.inputs, self.maps = engine, (None, None), None
+
+    def __call__(self, images, targets):
+        if self.inputs[0] is not images or self.inputs[1] is not targets:
+            self.inputs, self.maps = (images, targets), self.engine.relevance(images, targets).flatten(0, 1)
+        return self.maps
 
 
 def _synchronize(device):

@@ -14,7 +14,7 @@ from zennit.attribution import Gradient
 from zennit.core import RemovableHandleList
 
 from lrp_brain.canonizers import leaf_modules
-from lrp_brain.composites import VGGComposite, format_rule_table, vgg_layer_names
+from lrp_brain.composites import VGGComposite, format_rule_table
 
 #: Largest relative change of the output that the canonizers may cause (float64).
 OUTPUT_TOLERANCE = 1e-8
@@ -158,17 +158,15 @@ def _is_identity_batch_norm(module):
     return all(tensor is None or bool((tensor == value).all()) for tensor, value in parts)
 
 
-def _boundaries(model, layer_names):
-    """The group boundaries of a VGG as ``[(module name, readable name)]`` in forward order: the first module of every
-    conv block after the first, the average pool, and every linear layer of the classifier."""
+def _boundaries(rows):
+    """The group boundaries of the rule mapping ``rows`` as ``[(module name, readable name)]`` in forward order: the
+    first module of every block after the first, the average pools after the convolutional part, and every linear
+    layer after the last convolution."""
     boundaries, block = [], 1
-    for name, (layer, kind, module_block) in layer_names.items():
-        if name.startswith('features.') and module_block > block:
-            boundaries.append((name, layer))
-            block = module_block
-    if isinstance(getattr(model, 'avgpool', None), nn.Module) and not list(model.avgpool.children()):
-        boundaries.append(('avgpool', 'avgpool'))
-    boundaries += [(name, layer) for name, (layer, kind, _) in layer_names.items() if kind == 'linear']
+    for row in rows:
+        if row.block > block or (row.block == 0 and row.group in ('avgpool', 'epsilon_linear', 'linear')):
+            boundaries.append((row.name, row.layer))
+            block = max(block, row.block)
     return boundaries
 
 
@@ -240,12 +238,7 @@ def check_model(model, example_input, target=None, **composite_kwargs):
     network = copy.deepcopy(model).double().eval()
     device = next((tensor.device for tensor in network.parameters()), torch.device('cpu'))
     inputs = example_input.detach().to(device=device, dtype=torch.float64)
-    try:
-        report.rows = composite.layer_rules(network)
-        layer_names = vgg_layer_names(network)
-    except ValueError as error:
-        report.problems.append(str(error))
-        return report
+    report.rows = composite.layer_rules(network)
 
     report.problems += [
         f'{row.name} ({row.module}) has no rule: LRP would pass the plain gradient through it'
@@ -291,7 +284,7 @@ def check_model(model, example_input, target=None, **composite_kwargs):
     report.target, report.target_logit = target, float(output[0, target])
     attr_output = torch.zeros_like(output[:1])
     attr_output[0, target] = output[0, target]
-    _check_relevance(network, inputs[:1], attr_output, composite, _boundaries(network, layer_names), report)
+    _check_relevance(network, inputs[:1], attr_output, composite, _boundaries(report.rows), report)
     return report
 
 
@@ -382,7 +375,10 @@ def _check_relevance(model, input, attr_output, composite, boundaries, report):
 
 def probe_input(size, low=0., high=1., seed=0, channels=3):
     """A reproducible input to check a model on: ``(1, channels, size, size)`` float64, uniform between the z^B bounds
-    ``low`` and ``high`` (numbers or tensors broadcastable to the input), seeded by ``seed``."""
+    ``low`` and ``high`` (numbers or tensors broadcastable to the input), seeded by ``seed``; ``size`` must be a
+    positive integer (:class:`ValueError` otherwise)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f'the probe input size must be a positive integer, got {size!r}')
     generator = torch.Generator().manual_seed(seed)
     uniform = torch.rand(1, channels, size, size, generator=generator, dtype=torch.float64)
     low, high = (torch.as_tensor(bound, dtype=torch.float64) for bound in (low, high))

@@ -13,8 +13,8 @@ def main():
     """LRP explanations for VGG16 brain-tumour MRI classifiers, and how well they land on the tumour."""
 
 
-# Commands are added below, one block per command, in the order: explain, evaluate, sweep, train, check, synth,
-# data, bench.
+# Commands are added below, one block per command, in the order: explain, evaluate, sweep, train, check, sanity,
+# synth, import, data, bench.
 
 
 def source_options(command):
@@ -23,7 +23,8 @@ def source_options(command):
         click.option('--checkpoint', type=click.Path(exists=True, dir_okay=False),
                      help='An lrp-brain checkpoint or a bare torchvision VGG state dict. Default: the demo model.'),
         click.option('--data', type=click.Path(exists=True),
-                     help='A Figshare dataset (folder, zip or .mat). Default: a generated phantom set.'),
+                     help='A Figshare dataset (folder, zip or .mat) or an image folder (one subfolder per class). '
+                          'Default: a generated phantom set.'),
         click.option('--split-file', type=click.Path(dir_okay=False),
                      help='The split JSON to reuse (made and saved there if missing).'),
         click.option('--split-method', type=click.Choice(['patient', 'cvind', 'random']), default='patient',
@@ -36,6 +37,50 @@ def source_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def perturbation_options(command):
+    """The options of the faithfulness measure, region perturbation (shared by explain, evaluate, sweep)."""
+    options = [
+        click.option('--patch-size', type=click.IntRange(min=1), default=8, show_default=True,
+                     help='Side of the square patches region perturbation replaces, in pixels.'),
+        click.option('--steps', type=click.IntRange(min=1), default=16, show_default=True,
+                     help='Perturbation steps of the MoRF and LeRF curves (one patch each).'),
+        click.option('--baseline', default='mean', show_default=True,
+                     help='What a replaced patch becomes: mean, uniform, blur, inpaint or a number.'),
+        click.option('--score', type=click.Choice(['logit', 'probability']), default='logit', show_default=True,
+                     help='The score of the explained class the curves follow.'),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def contrast_option(command):
+    """``--contrast``: the output relevance the maps start from (shared by explain, evaluate, sweep, sanity)."""
+    return click.option(
+        '--contrast', type=click.Choice(['none', 'sglrp', 'clrp']), default='none', show_default=True,
+        help='Class-contrastive maps: sglrp (softmax-gradient LRP, normalised by p(1 - p)) or clrp (the target minus '
+             'the other classes, positive part); the gradient takes sglrp only.',
+    )(command)
+
+
+def _contrast(contrast):
+    return None if contrast == 'none' else contrast
+
+
+def _perturbation(patch_size, steps, baseline, score):
+    """The region-perturbation settings of the options (a numeric --baseline as a number)."""
+    try:
+        baseline = float(baseline)
+    except ValueError:
+        pass
+    return {'patch_size': patch_size, 'steps': steps, 'baseline': baseline, 'score': score}
+
+
+def _summary_line(name, overall):
+    return (f'  {name:<17} {overall["mean"]:.4f}  95% CI [{overall["ci_low"]:.4f}, {overall["ci_high"]:.4f}]'
+            f'  n={overall["n"]}  excluded={overall["excluded"]}')
 
 
 @contextmanager
@@ -73,7 +118,7 @@ def _echo(message):
 @click.option('--checkpoint', type=click.Path(exists=True, dir_okay=False),
               help='An lrp-brain checkpoint or a bare torchvision VGG state dict. Default: the demo model.')
 @click.option('--data', type=click.Path(exists=True),
-              help='A Figshare dataset (folder, zip or .mat) to take the slices of --index from.')
+              help='A Figshare dataset (folder, zip or .mat) or an image folder to take the slices of --index from.')
 @click.option('--index', 'indices', type=click.IntRange(min=0), multiple=True,
               help='Position of a slice of --data in file order (0 is 1.mat of a Figshare folder); repeatable.')
 @click.option('--eps', 'epsilon', type=float, default=0.25, show_default=True, help='ε of LRP-ε (blocks 4-5).')
@@ -85,14 +130,20 @@ def _echo(message):
               show_default=True)
 @click.option('--quantile', type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help='The relevance mask keeps the pixels above this quantile (0.9: the top 10 %).')
+@perturbation_options
+@contrast_option
 @click.option('--out', type=click.Path(file_okay=False), default='explanations', show_default=True)
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--quiet', is_flag=True, help='No progress bars.')
-def explain_command(inputs, checkpoint, data, indices, epsilon, gamma, target, method, quantile, out, device, quiet):
+def explain_command(inputs, checkpoint, data, indices, epsilon, gamma, target, method, quantile, patch_size, steps,
+                    baseline, score, contrast, out, device, quiet):
     """Explain single images: Figshare .mat slices, PNG/JPEG images, or slices of --data by --index. Prints the
-    prediction with its probabilities and, where the file has a tumour mask, the IoU and the other metrics; writes
+    prediction with its probabilities, the faithfulness gap of the map (region perturbation: LeRF − MoRF AUC) and,
+    where the file has a tumour mask, the IoU and the other metrics; writes
     per image <name>.png (four panels), <name>.npy (the relevance, C×H×W float32) and, for --target all,
-    <name>.classes.png (one map per class) and <name>.classes.npy (K×C×H×W, row k explaining class k). With no
+    <name>.classes.png (one map per class) and <name>.classes.npy (K×C×H×W, row k explaining class k). <name> is
+    the input's file name, or, for several inputs, its path below their common folder with / written %2F (a/x.png
+    and b/x.png: a%2Fx.png and b%2Fx.png), so no output overwrites another; a file given twice is refused. With no
     INPUT and no --data it explains one phantom slice per class (generated in the cache folder on first use), by
     default with the demo model and --target all."""
     from lrp_brain.explain_files import explain_inputs, gather_inputs
@@ -103,16 +154,18 @@ def explain_command(inputs, checkpoint, data, indices, epsilon, gamma, target, m
         raise click.UsageError('--data and --index go together: --data DIR --index I')
     try:
         source = open_model(checkpoint)
-        images = gather_inputs(source.transform, inputs, data, indices, quiet=quiet)
+        images = gather_inputs(source.transform, inputs, data, indices, quiet=quiet, class_names=source.class_names)
         results = explain_inputs(
             source, images, target or ('label' if inputs or data else 'all'), method=method, epsilon=epsilon,
             gamma=gamma, quantile=quantile, device=resolve_device(device), out=out, progress=not quiet,
+            perturbation=_perturbation(patch_size, steps, baseline, score), contrast=_contrast(contrast),
         )
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     model = checkpoint or 'the demo model'
     click.echo(f'{len(results)} image(s), model {model} ({source.transform.size}×{source.transform.size} input), '
-               f'method {method}' + (f' (ε={epsilon:g}, γ={gamma:g})' if method == 'lrp' else '') + '\n')
+               f'method {method}' + (f' (ε={epsilon:g}, γ={gamma:g})' if method == 'lrp' else '')
+               + (f', contrast {contrast}' if _contrast(contrast) else '') + '\n')
     for result in results:
         click.echo(result.format())
 
@@ -132,13 +185,21 @@ def explain_command(inputs, checkpoint, data, indices, epsilon, gamma, target, m
               help='Explain the true class (as the study) or the predicted one.')
 @click.option('--figures', type=click.IntRange(min=0), default=3, show_default=True,
               help='Four-panel figures of this many best and worst images.')
+@click.option('--metrics', 'criteria', type=click.Choice(['both', 'localisation', 'faithfulness']), default='both',
+              show_default=True, help='Localisation against the tumour mask, faithfulness by region perturbation, '
+                                      'or both.')
+@perturbation_options
+@contrast_option
 @click.option('--out', type=click.Path(file_okay=False), default='evaluation', show_default=True)
 def evaluate_command(checkpoint, data, split_file, split_method, split_seed, device, batch_size, quiet, epsilon,
-                     gamma, quantile, part, method, target, figures, out):
-    """Explain every image of a split and score how well the relevance covers the tumour: writes rows.csv (one row
-    per image: file, patient, label, prediction, probabilities, every metric) and summary.json (means, 95 %
-    bootstrap CIs, per class, settings, fingerprints, excluded images). A killed run resumes when run again."""
+                     gamma, quantile, part, method, target, figures, criteria, patch_size, steps, baseline, score,
+                     contrast, out):
+    """Explain every image of a split and score how well the relevance covers the tumour and how faithful it is to
+    the model (region perturbation: MoRF and LeRF AUC and their gap): writes rows.csv (one row per image: file,
+    patient, label, prediction, probabilities, every metric) and summary.json (means, 95 % bootstrap CIs, per class,
+    settings, fingerprints, excluded images). A killed run resumes when run again."""
     from lrp_brain.evaluate import evaluate
+    from lrp_brain.faithfulness import COLUMNS
     from lrp_brain.metrics import METRICS
     from lrp_brain.sources import open_source
 
@@ -146,15 +207,18 @@ def evaluate_command(checkpoint, data, split_file, split_method, split_seed, dev
         source = open_source(checkpoint, data, split_file, split_method, split_seed, quiet=quiet)
         rows, summary = evaluate(
             source, part, method=method, epsilon=epsilon, gamma=gamma, quantile=quantile, target=target,
-            batch_size=batch_size, device=device, out=out, progress=not quiet, figures=figures,
+            batch_size=batch_size, device=device, out=out, progress=not quiet, figures=figures, criteria=criteria,
+            perturbation=_perturbation(patch_size, steps, baseline, score), contrast=_contrast(contrast),
         )
         _echo(f'{len(rows)} {part} images, accuracy {summary["accuracy"]:.3f}, method {method}'
-              + (f' (ε={epsilon:g}, γ={gamma:g})' if method == 'lrp' else '') + f', quantile {quantile:g}')
-        for name in METRICS:
-            overall = summary[name]['overall']
-            _echo(f'  {name:<15} {overall["mean"]:.4f}  95% CI [{overall["ci_low"]:.4f}, {overall["ci_high"]:.4f}]'
-                  f'  n={overall["n"]}  excluded={overall["excluded"]}')
-        _echo(f'flags: {summary["flags"]}; wrote {out}/rows.csv and {out}/summary.json')
+              + (f' (ε={epsilon:g}, γ={gamma:g})' if method == 'lrp' else '')
+              + (f', contrast {contrast}' if _contrast(contrast) else '') + f', quantile {quantile:g}')
+        for name in METRICS + COLUMNS:
+            if name in summary:
+                _echo(_summary_line(name, summary[name]['overall']))
+        if 'flags' in summary:
+            _echo(f'flags: {summary["flags"]}')
+        _echo(f'wrote {out}/rows.csv and {out}/summary.json')
 
 
 # --- sweep --------------------------------------------------------------------------------------------------------
@@ -177,14 +241,30 @@ def _grid(text, name):
 @click.option('--seed-study', is_flag=True,
               help="Reproduce the seed study's protocol (random file split seed 42, 256 px, quantile 0.95, "
                    'ε and γ in -100..100 step 20) and say why it is biased.')
+@click.option('--objective', type=click.Choice(['iou', 'faithfulness', 'pareto']), default='iou', show_default=True,
+              help='Choose by mean validation IoU, by mean faithfulness gap, or among the settings no other beats on '
+                   'both (pareto: the one whose worse criterion, scaled over the grid, is best).')
+@click.option('--metrics', 'criteria', type=click.Choice(['both', 'localisation', 'faithfulness']), default='both',
+              show_default=True, help='What is scored (faithfulness alone for data without tumour masks).')
+@click.option('--race', is_flag=True,
+              help='Race the settings on validation: after each round of batches, settings another one beats with '
+                   'confidence (paired t, Bonferroni over rounds and rivals) leave and are no longer computed; test '
+                   'is scored for those that stayed.')
+@click.option('--confidence', type=float, default=0.95, show_default=True,
+              help='With --race: the chance that a setting as good as every other ever leaves is at most 1 - this.')
+@click.option('--round-batches', type=click.IntRange(min=1), default=1, show_default=True,
+              help='With --race: batches per round (under torchrun, a multiple of the processes).')
+@perturbation_options
+@contrast_option
 @click.option('--out', type=click.Path(file_okay=False), default='sweep', show_default=True)
-def sweep_command(checkpoint, data, split_file, split_method, split_seed, device, batch_size, quiet, epsilons,
-                  gammas, quantiles, seed_study, out):
-    """Score every ε×γ (×quantile) setting by mean IoU on the validation split, choose the best there and report
-    it (and the whole grid) on the test split. Writes sweep.csv, heatmap.png and choice.json; an interrupted sweep
-    resumes when run again with the same arguments."""
+def sweep_command(contrast, race, confidence, round_batches, checkpoint, data, split_file, split_method, split_seed, device, batch_size, quiet, epsilons,
+                  gammas, quantiles, seed_study, objective, criteria, patch_size, steps, baseline, score, out):
+    """Score every ε×γ (×quantile) setting on the validation split by mean IoU and by faithfulness (the gap between
+    the LeRF and the MoRF AUC of region perturbation), choose one there by --objective and report it (and the whole
+    grid) on the test split. Writes sweep.csv, heatmap.png (each criterion side by side) and choice.json; an
+    interrupted sweep resumes when run again with the same arguments."""
     from lrp_brain.sources import open_source
-    from lrp_brain.sweep import SEED_STUDY, SEED_STUDY_BIAS, run_sweep
+    from lrp_brain.sweep import SEED_STUDY, SEED_STUDY_BIAS, merge_grid, run_sweep
 
     size, notes = None, None
     epsilons, gammas, quantiles = (_grid(epsilons, '--eps'), _grid(gammas, '--gamma'),
@@ -196,16 +276,29 @@ def sweep_command(checkpoint, data, split_file, split_method, split_seed, device
     with processes(device) as device:
         if notes:
             _echo(notes)
+        for name, values in (('--eps', epsilons), ('--gamma', gammas), ('--quantile', quantiles)):
+            note = merge_grid(name, values)[1]
+            if note:
+                _echo(note)
         source = open_source(checkpoint, data, split_file, split_method, split_seed, size=size, quiet=quiet)
         result = run_sweep(source, epsilons, gammas, quantiles, out=out, batch_size=batch_size, device=device,
-                           progress=not quiet, allow_negative=seed_study, notes=notes)
-        best = result.best
-        _echo(f'{len(result.table)} settings; best on validation: ε={best["epsilon"]:g}, γ={best["gamma"]:g}, '
-              f'quantile {best["quantile"]:g}')
-        _echo(f'  validation IoU {best["val_iou"]:.4f} [{best["val_iou_ci_low"]:.4f}, {best["val_iou_ci_high"]:.4f}]'
-              f' (n={best["val_n"]})')
-        _echo(f'  test IoU       {best["test_iou"]:.4f} [{best["test_iou_ci_low"]:.4f}, '
-              f'{best["test_iou_ci_high"]:.4f}] (n={best["test_n"]})')
+                           progress=not quiet, allow_negative=seed_study, notes=notes, objective=objective,
+                           criteria=criteria, perturbation=_perturbation(patch_size, steps, baseline, score),
+                           race=race, confidence=confidence, round_batches=round_batches, contrast=_contrast(contrast))
+        best, choice = result.best, result.choice
+        _echo(f'{len(result.table)} settings; chosen on validation by {objective}: ε={best["epsilon"]:g}, '
+              f'γ={best["gamma"]:g}, quantile {best["quantile"]:g}')
+        for part, summaries in (('validation', choice['validation']), ('test', choice['test'])):
+            for name in ('iou', 'faithfulness_gap'):
+                if name in summaries:
+                    _echo(f'  {part:<10}' + _summary_line(name, summaries[name]['overall']).lstrip())
+        if 'pareto_front' in choice:
+            _echo(f'  Pareto front: {len(choice["pareto_front"])} settings (listed in choice.json)')
+        if 'race' in choice:
+            record = choice['race']
+            _echo(f'  race: {record["stayed"]} of {len(result.table)} settings stayed after {record["rounds"]} rounds; '
+                  f'{record["evaluations"]["total"]} of {record["full_grid_evaluations"]["total"]} (image, setting) '
+                  f'evaluations ({100 * record["fraction_of_full_grid"]:.0f} %)')
         _echo(f'wrote {out}/sweep.csv, {out}/heatmap.png and {out}/choice.json')
 
 
@@ -213,7 +306,8 @@ def sweep_command(checkpoint, data, split_file, split_method, split_seed, device
 
 @main.command('train')
 @click.option('--data', type=click.Path(exists=True),
-              help='Dataset: a folder, zip or .mat file of Figshare slices. Default: generated phantoms.')
+              help='Dataset: a folder, zip or .mat file of Figshare slices, or an image folder (one subfolder per '
+                   'class). Default: generated phantoms.')
 @click.option('--phantoms', type=click.IntRange(min=1), default=600, show_default=True,
               help='Phantoms to generate (seeded with --seed) when no --data is given.')
 @click.option('--arch', default='vgg16', show_default=True, help='vgg11, vgg13, vgg16 or vgg19, optionally _bn.')
@@ -297,6 +391,41 @@ def check_command(context, checkpoint, arch, size, epsilon, gamma, seed):
     context.exit(0 if report.ok else 1)
 
 
+# --- sanity -------------------------------------------------------------------------------------------------------
+
+@main.command('sanity')
+@source_options
+@click.option('--eps', 'epsilon', type=float, default=0.25, show_default=True, help='ε of LRP-ε (blocks 4-5).')
+@click.option('--gamma', type=float, default=0.1, show_default=True, help='γ of LRP-γ (blocks 1-3).')
+@click.option('--split', 'part', type=click.Choice(['test', 'val', 'train']), default='test', show_default=True)
+@click.option('--count', type=click.IntRange(min=1), default=16, show_default=True,
+              help='How many images of the split (its first ones).')
+@click.option('--seed', type=int, default=0, show_default=True, help='Seeds the randomised weights.')
+@contrast_option
+@click.option('--out', type=click.Path(file_okay=False), default='sanity', show_default=True)
+def sanity_command(checkpoint, data, split_file, split_method, split_seed, device, batch_size, quiet, epsilon, gamma,
+                   part, count, seed, contrast, out):
+    """Sanity checks of the maps: the cascading model-parameter randomisation test (Adebayo et al. 2018; the weights
+    re-initialised from the last layer group down, each map compared with the original one by Spearman rank
+    correlation of the signed and the absolute map and by SSIM), for LRP at --eps/--gamma and for the gradient; and
+    the class sensitivity (the mean Spearman correlation between the maps of different classes of an image). Writes
+    sanity.json and sanity.png (similarity against the randomised depth, one line per method). --contrast applies to
+    the LRP maps; the gradient stays the plain reference."""
+    from lrp_brain.outputs import writable_folder
+    from lrp_brain.sanity_report import format_sanity, run_sanity
+    from lrp_brain.sources import open_source
+
+    with processes(device) as device:
+        writable_folder(out)
+        source = open_source(checkpoint, data, split_file, split_method, split_seed, quiet=quiet)
+        report = run_sanity(source, part, count, epsilon=epsilon, gamma=gamma, seed=seed, batch_size=batch_size,
+                            device=device, out=out, contrast=_contrast(contrast))
+        _echo(f'{report["settings"]["count"]} {part} images, randomised group by group: '
+              + ', '.join(report['randomisation']['stages'][1:]))
+        _echo(format_sanity(report))
+        _echo(f'wrote {out}/sanity.json and {out}/sanity.png')
+
+
 # --- synth --------------------------------------------------------------------------------------------------------
 
 @main.command('synth')
@@ -327,6 +456,54 @@ def synth_command(out, count, seed, sizes, quiet):
                f'(seed {seed}, sizes {sizes}); check them with: lrp-brain data {out}')
 
 
+# --- import -------------------------------------------------------------------------------------------------------
+
+@main.command('import')
+@click.argument('model', type=click.Path(exists=True, dir_okay=False), metavar='MODEL.onnx')
+@click.option('--out', type=click.Path(dir_okay=False), required=True, help='The checkpoint to write (MODEL.pt).')
+@click.option('--classes', help='Comma-separated class names in output order. Default: class_0, class_1, ...')
+@click.option('--value-range', default='0,1', show_default=True,
+              help='low,high: the range the model\'s input pixels were scaled to before normalisation (0,255 for raw '
+                   '8-bit input).')
+@click.option('--mean', help='Comma-separated per-channel means of the normalisation (x - mean) / std, if any.')
+@click.option('--std', help='Comma-separated per-channel standard deviations of the normalisation.')
+@click.option('--scaling', type=click.Choice(['minmax', 'fixed']), default='minmax', show_default=True,
+              help='How images are scaled to the value range: min-max per image, or fixed (value / 255 for 8-bit '
+                   'images, as Keras pipelines do).')
+def import_command(model, out, classes, value_range, mean, std, scaling):
+    """Convert a VGG-family ONNX classifier (tf2onnx from Keras, or torch.onnx.export) into an lrp-brain checkpoint
+    that every command explains: NHWC or NCHW input, Conv/Relu/MaxPool, Gemm or MatMul + Add, BatchNorm (folded, or
+    kept after an activation in the head), a final Softmax dropped (LRP explains the logits). The network is checked
+    against onnxruntime before anything is written."""
+    from lrp_brain.model import describe_head, from_onnx, save_checkpoint
+
+    value_range = _grid(value_range, '--value-range')
+    if len(value_range) != 2:
+        raise click.BadParameter(f'expected low,high, got {len(value_range)} numbers', param_hint='--value-range')
+    try:
+        network, meta = from_onnx(
+            model, class_names=[name.strip() for name in classes.split(',')] if classes else None,
+            value_range=value_range, mean=_grid(mean, '--mean') if mean else None,
+            std=_grid(std, '--std') if std else None, scaling=scaling,
+        )
+        save_checkpoint(out, network, meta)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    imported, size = meta['imported'], meta['input_size']
+    width = 'full width' if meta['width'] is None else f'width {meta["width"]}'
+    click.echo(f'imported {model} ({imported["producer"] or "unknown producer"}, opset {imported["opset"]}): '
+               f'{meta["arch"]} ({width}), {meta["layout"]} input {size}×{size}'
+               + (' (the input Transpose is folded away: the network takes NCHW)' if meta['layout'] == 'NHWC' else ''))
+    click.echo('head: average pool to {}×{}, then {}'.format(*meta['avgpool'], describe_head(meta['head'])))
+    click.echo(f'classes: {", ".join(meta["class_names"])}; input value range {value_range[0]:g} to '
+               f'{value_range[1]:g}' + (f', normalised by mean {mean} and std {std}' if mean else ''))
+    if imported['softmax_dropped']:
+        click.echo(f'dropped the final Softmax ({imported["softmax_dropped"]}): LRP explains the logits')
+    click.echo(f'matches onnxruntime: largest logit difference {imported["onnxruntime_difference"]:.2g} of the '
+               f'largest logit on {imported["checked_inputs"]} random inputs')
+    click.echo(f'wrote {out}; check it with: lrp-brain check --checkpoint {out}')
+
+
 # --- data ---------------------------------------------------------------------------------------------------------
 
 @main.command('data')
@@ -341,9 +518,9 @@ def synth_command(out, count, seed, sizes, quiet):
 @click.option('--quiet', is_flag=True, help='No progress bar.')
 @click.pass_context
 def data_command(context, source, split_file, method, seed, skip_bad, quiet):
-    """Validate a Figshare dataset (a folder, zip or .mat file): read every slice once and print the counts per
-    class and per patient, the image sizes, the split and every problem found. Exits with 1 when a file is bad,
-    unless --skip-bad."""
+    """Validate a Figshare dataset (a folder, zip or .mat file) or an image folder: read every slice once and print
+    the counts per class and per patient, the image sizes, the split and every problem found. Exits with 1 when a
+    file is bad, unless --skip-bad."""
     from lrp_brain.data import check_dataset, summarise_problems
 
     try:

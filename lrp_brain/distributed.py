@@ -17,7 +17,7 @@ have one code path.
 """
 import os
 import pickle
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.distributed as dist
@@ -174,6 +174,15 @@ def main_first():
         yield
 
 
+@contextmanager
+def held_by_main(context):
+    """Hold the context manager ``context()`` in rank 0 only for the body (e.g. the lock of the output folder, which
+    rank 0 alone writes); an error entering it is raised in every process."""
+    with ExitStack() as stack:
+        on_main(lambda: stack.enter_context(context()) and None)
+        yield
+
+
 def rounds(batches):
     """Deal ``batches`` out: yield, per round, the batch this process computes (``None`` when none is left).
 
@@ -200,7 +209,7 @@ def all_reduce_sum(values):
 
 
 def batch_rows(keys, batch_size, compute, *, log_path=None, identity=None, key='file', progress=True,
-               description=None):
+               description=None, after_round=None, round_batches=1):
     """Compute one row per key in fixed batches, dealt out to the processes, resuming from a row log.
 
     The batches are consecutive slices of ``keys`` of ``batch_size``; a batch with any row missing from the log is
@@ -224,6 +233,13 @@ def batch_rows(keys, batch_size, compute, *, log_path=None, identity=None, key='
         Show a progress bar (rank 0 only).
     description: str, optional
         The progress bar's label.
+    after_round: callable, optional
+        ``after_round(rows)``, called in every process after each group of ``round_batches`` consecutive batches
+        with the rows of all keys up to the group's end, in order (logged rows included: a resumed run makes the
+        same calls); what ``compute`` does in the next group may depend on it (e.g. a race that drops settings).
+        The groups never depend on the number of processes or on the log.
+    round_batches: int
+        Batches per group of ``after_round``.
 
     Returns
     -------
@@ -241,14 +257,19 @@ def batch_rows(keys, batch_size, compute, *, log_path=None, identity=None, key='
 
     rows = dict(on_main(open_log)) if log_path is not None else {}
     batches = [list(range(start, min(start + batch_size, len(keys)))) for start in range(0, len(keys), batch_size)]
-    batches = [indices for indices in batches if any(keys[index] not in rows for index in indices)]
-    with tqdm(total=len(keys), initial=len(keys) - sum(map(len, batches)), disable=not (progress and is_main()),
-              desc=description, unit='image') as bar:
-        for indices in rounds(batches):
-            for computed in gather(lambda: [] if indices is None else compute(indices)):
-                for row in computed:
-                    rows.setdefault(row[key], row)
-                    if log is not None:
-                        log.append(row)
-                bar.update(len(computed))
+    groups = [batches] if after_round is None else \
+        [batches[start:start + round_batches] for start in range(0, len(batches), round_batches)]
+    missing = [[indices for indices in group if any(keys[index] not in rows for index in indices)] for group in groups]
+    with tqdm(total=len(keys), initial=len(keys) - sum(len(indices) for group in missing for indices in group),
+              disable=not (progress and is_main()), desc=description, unit='image') as bar:
+        for group, batches in zip(groups, missing):
+            for indices in rounds(batches):
+                for computed in gather(lambda: [] if indices is None else compute(indices)):
+                    for row in computed:
+                        rows.setdefault(row[key], row)
+                        if log is not None:
+                            log.append(row)
+                    bar.update(len(computed))
+            if after_round is not None and group:
+                after_round([rows[name] for name in keys[:group[-1][-1] + 1]])
     return [rows[name] for name in keys]

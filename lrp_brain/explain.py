@@ -15,7 +15,9 @@ zennit-egb    LRP with Zennit's stock ``EpsilonGammaBox(low, high)`` (z^B first,
 
 The output relevance follows Zennit's convention: the vector fed at the output is one-hot, 1 at the target class
 and 0 elsewhere (not the target logit). For a conservative rule the input relevance therefore sums to roughly 1 per
-image, not to the logit; multiply by the target logit to get the logit-conserving convention.
+image, not to the logit; multiply by the target logit to get the logit-conserving convention. ``contrast='sglrp'`` or
+``'clrp'`` starts from a class-contrastive vector instead (:mod:`lrp_brain.contrast`; which method takes which:
+:data:`lrp_brain.contrast.ACCEPTED`).
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from zennit.composites import EpsilonGammaBox
 from zennit.torchvision import VGGCanonizer
 
 from lrp_brain.composites import VGGComposite
+from lrp_brain.contrast import check_contrast, input_relevance, output_relevance
 
 #: The names of the attribution methods :func:`explain` knows.
 METHODS = ('lrp', 'gradient', 'gradxinput', 'zennit-egb')
@@ -220,6 +223,31 @@ def _composite(method, epsilon, gamma, low, high, composite_kwargs):
     return None
 
 
+def check_options(method, epsilon, gamma, low, high, composite_kwargs=None, contrast=None, classes=None):
+    """Check the options of :func:`explain` before any work or output: the method, and its composite, built once
+    (:class:`~lrp_brain.composites.VGGComposite`'s own check of ε, γ and the bounds), and the contrast (for a model
+    of ``classes`` classes, when given). ε and γ are checked for every method, since runs record them with their
+    results. Returns the contrast as one of :data:`lrp_brain.contrast.CONTRASTS` (``'none'`` is ``None``).
+
+    Raises
+    ------
+    ExplainError
+        For an unknown method, or composite_kwargs for a gradient method.
+    ContrastError
+        :func:`lrp_brain.contrast.check_contrast`'s: an unknown contrast, one the method does not take, a model with
+        one class.
+    ValueError
+        The composite's, e.g. ``epsilon must be finite, got nan``.
+    """
+    if method not in METHODS:
+        raise ExplainError(f'method must be one of {METHODS}, got {method!r}')
+    contrast = check_contrast(contrast, method, classes)
+    if method != 'lrp':
+        VGGComposite(epsilon, gamma, low, high)
+    _composite(method, epsilon, gamma, low, high, composite_kwargs)
+    return contrast
+
+
 @contextmanager
 def _prepared(model, device):
     """Put ``model`` on ``device`` in eval mode with parameter gradients off, and restore all three afterwards.
@@ -253,7 +281,7 @@ def _prepared(model, device):
 
 
 def explain(model, images, target='label', labels=None, method='lrp', *, epsilon=0.25, gamma=0.1, low=0., high=1.,
-            batch_size=16, device='cpu', composite_kwargs=None, progress=False):
+            batch_size=16, device='cpu', composite_kwargs=None, progress=False, contrast=None):
     """Compute relevance maps of ``model`` for ``images`` in batches.
 
     Parameters
@@ -286,6 +314,11 @@ def explain(model, images, target='label', labels=None, method='lrp', *, epsilon
         methods.
     progress: bool
         Show a tqdm progress bar over the images.
+    contrast: str, optional
+        The output relevance (:mod:`lrp_brain.contrast`): ``None`` (one-hot), ``'sglrp'`` (the softmax gradient,
+        normalised by ``p_t (1 − p_t)``: exact for saturated predictions) or ``'clrp'`` (the target minus the dual
+        class, then the positive part of the input relevance). ``'lrp'``, ``'zennit-egb'`` and ``'gradxinput'``
+        take both, ``'gradient'`` SGLRP only (``∂p_t/∂x``, normalised).
 
     Returns
     -------
@@ -300,9 +333,12 @@ def explain(model, images, target='label', labels=None, method='lrp', *, epsilon
         method; and for results with NaN or inf, naming the images: logits (a broken model) or relevance (e.g.
         ``std_epsilon=True`` on a layer whose output is constant). No NaN leaves this function. The composite's own
         ValueError for bad ε, γ or bounds.
+    ContrastError
+        For an unknown contrast, one the method does not take, or a contrast on a model with one class.
     """
     if method not in METHODS:
         raise ExplainError(f'method must be one of {METHODS}, got {method!r}')
+    contrast = check_contrast(contrast, method)
     if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
         raise ExplainError(f'batch_size must be an integer >= 1, got {batch_size!r}')
     _check_images(images)
@@ -321,13 +357,13 @@ def explain(model, images, target='label', labels=None, method='lrp', *, epsilon
                 batch_spec = spec if spec is None or spec.ndim == 0 else spec[start:stop]
                 batch_targets = []
 
-                def one_hot_at_target(logits):
-                    # Zennit's output relevance: 1 at the target class, 0 elsewhere.
+                def relevance_at_output(logits):
+                    # one-hot at the target (Zennit's convention), or the contrast's vector
                     batch_targets.append(_checked_targets(batch_spec, logits, source, offset=start))
-                    return torch.nn.functional.one_hot(batch_targets[0], logits.shape[1]).to(logits)
+                    return output_relevance(logits, batch_targets[0], contrast)
 
-                logits, gradient = attributor(batch, one_hot_at_target)
-                relevance = gradient * batch if method == 'gradxinput' else gradient
+                logits, gradient = attributor(batch, relevance_at_output)
+                relevance = input_relevance(gradient * batch if method == 'gradxinput' else gradient, contrast)
                 _check_finite_results(logits, relevance, start, method, settings)
                 results['relevance'].append(relevance.detach().cpu())
                 results['logits'].append(logits.detach().cpu())
@@ -355,7 +391,7 @@ def explain_all_classes(model, image, **kwargs):
         ``(C, H, W)`` or ``(1, C, H, W)``.
     **kwargs
         Keyword arguments of :func:`explain` other than ``target`` and ``labels`` (method, epsilon, gamma, low, high,
-        batch_size, device, composite_kwargs, progress).
+        batch_size, device, composite_kwargs, progress, contrast).
 
     Returns
     -------

@@ -1,5 +1,5 @@
-"""Figures of the study as PNG files: the four-panel explanation figure, one map per class, the ε×γ sweep heatmap
-and the confusion matrix.
+"""Figures of the study as PNG files: the four-panel explanation figure, one map per class, the ε×γ sweep heatmaps,
+the confusion matrix and the randomisation test.
 
 Arrays or tensors in, a file out. Only this module uses matplotlib, and only through :class:`matplotlib.figure.Figure`
 with the Agg canvas: no pyplot, no global figure registry, no change of the caller's backend. Each file is written to
@@ -68,6 +68,18 @@ def _symmetric_limit(relevance):
     finite = np.abs(relevance[np.isfinite(relevance)])
     limit = finite.max() if finite.size else 0.
     return float(limit) if limit > 0 else 1.
+
+
+def _drawable(text):
+    """``text`` (a title, a class name) as matplotlib draws it unchanged: a file name that is not valid UTF-8 (whose
+    bytes :func:`os.fsdecode` turned into lone surrogates, which matplotlib refuses) shows them as ``\\xff``, other
+    lone surrogates as ``\\udXXX``, and ``$`` is escaped, so that a name like ``a$_$b.png`` is not parsed as maths."""
+    text = str(text)
+    try:
+        text = text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte gave
+        text = text.encode('utf-8', 'backslashreplace').decode('utf-8')
+    return text.replace('$', r'\$')
 
 
 def _new_figure(width, height):
@@ -169,7 +181,7 @@ def four_panel(path, image, mask, relevance, binary_mask, iou, title=None):
     axes[3].legend(handles=[Line2D([], [], color=MASK_COLOUR, label='tumour outline')], loc='lower right',
                    fontsize=8, framealpha=0.8)
     if title:
-        figure.suptitle(title)
+        figure.suptitle(_drawable(title))
     return _save(figure, path)
 
 
@@ -225,16 +237,72 @@ def per_class_figure(path, image, relevances, class_names, probabilities=None, m
         heatmap = _show_relevance(panel, relevance, limit)
         _outline(panel, mask, MASK_COLOUR_ON_WHITE)
         probability = '' if probabilities is None else f'\np = {probabilities[k]:.3f}'
-        panel.set_title(f'{class_names[k]}{probability}')
+        panel.set_title(f'{_drawable(class_names[k])}{probability}')
     colourbar = figure.colorbar(heatmap, ax=list(axes[1:]), fraction=0.025, pad=0.02, label='relevance')
     colourbar.formatter.set_powerlimits((-2, 3))
     if title:
-        figure.suptitle(title)
+        figure.suptitle(_drawable(title))
     return _save(figure, path)
 
 
-def sweep_heatmap(path, epsilons, gammas, mean_iou, best=None, title=None):
-    """Write the mean IoU over the ε×γ grid as an annotated heatmap with the best cell framed.
+def contrast_figure(path, images, maps, class_names, masks=None, row_titles=None, title=None):
+    """Write a grid comparing output relevances: one row per image, the image, then every variant's map of every
+    class. Each (image, variant) group of maps shares one symmetric colour scale (contrastive maps have their own
+    magnitudes).
+
+    Parameters
+    ----------
+    path: str or pathlib.Path
+        The file to write.
+    images: array or tensor
+        ``(N, H, W)`` or ``(N, C, H, W)``.
+    maps: dict of str to array or tensor
+        ``{variant name: (N, K, C, H, W) or (N, K, H, W)}``, map ``[n, k]`` explaining class ``k`` of image ``n``.
+    class_names: sequence of str
+        ``K`` names.
+    masks: array or tensor, optional
+        ``(N, H, W)`` tumour masks, outlined on the images and the maps.
+    row_titles, title: optional
+        One label per row (shown on the image), and a title above the grid.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    variants = {name: _array(values) for name, values in maps.items()}
+    variants = {name: values.sum(axis=2) if values.ndim == 5 else values for name, values in variants.items()}
+    count, classes = len(images), len(class_names)
+    for name, values in variants.items():
+        if values.ndim != 4 or values.shape[:2] != (count, classes):
+            raise FigureError(f'maps[{name!r}] must be ({count}, {classes}, H, W) or with channels, got shape '
+                              f'{values.shape}')
+    columns = 1 + classes * len(variants)
+    figure = _new_figure(1.9 * columns + 0.4, 2.1 * count + 0.6)
+    axes = np.asarray(figure.subplots(count, columns, squeeze=False))
+    for row in range(count):
+        image = _plane(images[row], 'image', np.mean)
+        mask = None if masks is None else _plane(masks[row], 'mask', np.mean)
+        _show_image(axes[row, 0], image)
+        _outline(axes[row, 0], mask, MASK_COLOUR)
+        if row_titles is not None:
+            axes[row, 0].set_title(_drawable(row_titles[row]), fontsize=9)
+        for offset, (name, values) in enumerate(variants.items()):
+            limit = _symmetric_limit(values[row])
+            for k in range(classes):
+                panel = axes[row, 1 + offset * classes + k]
+                _show_relevance(panel, values[row, k], limit)
+                _outline(panel, mask, MASK_COLOUR_ON_WHITE)
+                if row == 0:
+                    panel.set_title(f'{_drawable(name)}: {_drawable(class_names[k])}', fontsize=9)
+    if title:
+        figure.suptitle(_drawable(title))
+    return _save(figure, path)
+
+
+def sweep_heatmap(path, epsilons, gammas, values, best=None, title=None):
+    """Write the mean of one criterion or several over the ε×γ grid as annotated heatmaps side by side, the chosen cell
+    framed in each.
 
     Parameters
     ----------
@@ -242,12 +310,14 @@ def sweep_heatmap(path, epsilons, gammas, mean_iou, best=None, title=None):
         The file to write.
     epsilons, gammas: sequence of float
         The grid's ε values (rows, bottom to top) and γ values (columns, left to right).
-    mean_iou: array
-        ``(len(epsilons), len(gammas))``; NaN cells (not computed) are grey.
+    values: array or dict
+        ``(len(epsilons), len(gammas))`` means of the IoU, or ``{label: such an array}`` for one panel per criterion
+        (e.g. ``'mean IoU'`` and ``'mean faithfulness gap'``); NaN cells (not computed) are grey.
     best: tuple of int, optional
-        ``(i, j)``, the cell to frame (``epsilons[i]``, ``gammas[j]``); by default the largest finite mean IoU.
+        ``(i, j)``, the cell to frame (``epsilons[i]``, ``gammas[j]``); by default the largest finite value of the first
+        panel.
     title: str, optional
-        The plot title (default "mean IoU over the ε×γ grid").
+        The figure title (default "mean IoU over the ε×γ grid").
 
     Returns
     -------
@@ -255,29 +325,40 @@ def sweep_heatmap(path, epsilons, gammas, mean_iou, best=None, title=None):
         ``path``.
     """
     epsilons, gammas = _array(epsilons).reshape(-1), _array(gammas).reshape(-1)
-    mean_iou = _array(mean_iou)
-    if mean_iou.shape != (len(epsilons), len(gammas)):
-        raise FigureError(f'mean_iou must be (len(epsilons), len(gammas)) = {(len(epsilons), len(gammas))}, got '
-                          f'shape {mean_iou.shape}')
-    finite = np.isfinite(mean_iou)
+    panels = {label: _array(means) for label, means in (values.items() if isinstance(values, dict)
+                                                         else [('mean IoU', values)])}
+    for label, means in panels.items():
+        if means.shape != (len(epsilons), len(gammas)):
+            raise FigureError(f'{label} must be (len(epsilons), len(gammas)) = {(len(epsilons), len(gammas))}, got '
+                              f'shape {means.shape}')
+    first_label, first = next(iter(panels.items()))
     if best is None:
-        if not finite.any():
-            raise FigureError('mean_iou has no finite value to mark as the best')
-        best = np.unravel_index(np.argmax(np.where(finite, mean_iou, -np.inf)), mean_iou.shape)
+        if not np.isfinite(first).any():
+            raise FigureError(f'{first_label} has no finite value to mark as the best')
+        best = np.unravel_index(np.argmax(np.where(np.isfinite(first), first, -np.inf)), first.shape)
     row, column = (int(index) for index in best)
     if not (0 <= row < len(epsilons) and 0 <= column < len(gammas)):
         raise FigureError(f'best cell {tuple(best)} is outside the {len(epsilons)}×{len(gammas)} grid')
 
-    figure = _new_figure(max(4.5, 0.75 * len(gammas) + 2.2), max(3.5, 0.5 * len(epsilons) + 1.6))
-    axes = figure.subplots()
-    lowest, highest = (mean_iou[finite].min(), mean_iou[finite].max()) if finite.any() else (0., 1.)
-    cells = axes.imshow(np.ma.masked_invalid(mean_iou), cmap=colormaps['viridis'].with_extremes(bad='#c8c8c8'),
+    figure = _new_figure(len(panels) * max(4.5, 0.75 * len(gammas) + 2.2), max(3.5, 0.5 * len(epsilons) + 1.6))
+    for axes, (label, means) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels.items()):
+        _heatmap_panel(figure, axes, epsilons, gammas, means, (row, column), label)
+    figure.suptitle(_drawable(title or 'mean IoU over the ε×γ grid'), fontsize=10)
+    return _save(figure, path)
+
+
+def _heatmap_panel(figure, axes, epsilons, gammas, means, best, label):
+    """One annotated heatmap of ``means`` with the cell ``best`` framed and its value in the panel's title."""
+    row, column = best
+    finite = np.isfinite(means)
+    lowest, highest = (means[finite].min(), means[finite].max()) if finite.any() else (0., 1.)
+    cells = axes.imshow(np.ma.masked_invalid(means), cmap=colormaps['viridis'].with_extremes(bad='#c8c8c8'),
                         origin='lower', aspect='auto', vmin=lowest, vmax=highest if highest > lowest else lowest + 1e-9)
-    figure.colorbar(cells, ax=axes, label='mean IoU')
-    font_size = 8 if max(mean_iou.shape) <= 8 else 6
+    figure.colorbar(cells, ax=axes, label=_drawable(label))
+    font_size = 8 if max(means.shape) <= 8 else 6
     middle = (lowest + highest) / 2
-    for i, j in np.ndindex(mean_iou.shape):
-        value = mean_iou[i, j]
+    for i, j in np.ndindex(means.shape):
+        value = means[i, j]
         text, colour = ('n/a', 'black') if not np.isfinite(value) else \
             (f'{value:.3f}', 'black' if value > middle else 'white')
         axes.text(j, i, text, ha='center', va='center', fontsize=font_size, color=colour,
@@ -287,9 +368,9 @@ def sweep_heatmap(path, epsilons, gammas, mean_iou, best=None, title=None):
     axes.set_yticks(range(len(epsilons)), [f'{value:g}' for value in epsilons])
     axes.set_xlabel('γ', fontsize=13)
     axes.set_ylabel('ε', fontsize=13, rotation=0, labelpad=10)
-    best_text = f'best: ε = {epsilons[row]:g}, γ = {gammas[column]:g}, mean IoU {mean_iou[row, column]:.3f}'
-    axes.set_title(f'{title or "mean IoU over the ε×γ grid"}\n{best_text}', fontsize=10)
-    return _save(figure, path)
+    value = means[row, column]
+    axes.set_title(f'{_drawable(label)}\nchosen: ε = {epsilons[row]:g}, γ = {gammas[column]:g}: '
+                   + ('n/a' if not np.isfinite(value) else f'{value:.3f}'), fontsize=9)
 
 
 def confusion_matrix_figure(path, matrix, class_names, title=None):
@@ -334,12 +415,13 @@ def confusion_matrix_figure(path, matrix, class_names, title=None):
         percent = 'n/a' if not np.isfinite(fraction) else f'{100 * fraction:.1f} %'
         axes.text(j, i, f'{matrix[i, j]:g}\n{percent}', ha='center', va='center', fontsize=10,
                   color='white' if np.isfinite(fraction) and fraction > 0.5 else 'black')
-    axes.set_xticks(range(len(matrix)), class_names, rotation=30, ha='right')
-    axes.set_yticks(range(len(matrix)), class_names)
+    names = [_drawable(name) for name in class_names]
+    axes.set_xticks(range(len(matrix)), names, rotation=30, ha='right')
+    axes.set_yticks(range(len(matrix)), names)
     axes.set_xlabel('predicted class')
     axes.set_ylabel('true class')
     accuracy = 'n/a' if total == 0 else f'{100 * np.trace(matrix) / total:.1f} %'
-    axes.set_title(f'{title or "confusion matrix"}\naccuracy {accuracy}, n = {total:g}', fontsize=10)
+    axes.set_title(f'{_drawable(title or "confusion matrix")}\naccuracy {accuracy}, n = {total:g}', fontsize=10)
     return _save(figure, path)
 
 
@@ -370,3 +452,52 @@ def select_images(values, k=3, mode='worst'):
     finite = np.flatnonzero(np.isfinite(values))
     keys = values[finite] if mode == 'worst' else -values[finite]
     return finite[np.argsort(keys, kind='stable')[:int(k)]]
+
+
+def randomisation_figure(path, stages, similarity, class_sensitivity=None, title=None):
+    """Write the similarity of the maps to the original model's against the randomised depth, one line per method
+    and one panel per similarity measure (the cascading randomisation test of :mod:`lrp_brain.sanity`).
+
+    Parameters
+    ----------
+    path: str or pathlib.Path
+        The file to write.
+    stages: sequence of str
+        ``'original'``, then the layer group randomised at each stage (the x axis, left to right).
+    similarity: dict
+        ``{method: {measure: [mean similarity per stage]}}`` (:meth:`lrp_brain.sanity.RandomisationResult.summary`);
+        ``None`` or NaN values are not drawn.
+    class_sensitivity: dict, optional
+        ``{method: mean similarity of the maps of different classes}``, shown in the legend.
+    title: str, optional
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    stages = [str(stage) for stage in stages]
+    if not similarity:
+        raise FigureError('similarity holds no method to draw')
+    measures = list(next(iter(similarity.values())))
+    figure = _new_figure(4. * len(measures) + 0.6, 3.8)
+    panels = np.atleast_1d(figure.subplots(1, len(measures), sharey=True))
+    for panel, measure in zip(panels, measures):
+        for method, values in similarity.items():
+            curve = np.array([np.nan if value is None else value for value in values[measure]], dtype=float)
+            if len(curve) != len(stages):
+                raise FigureError(f'{method} {measure}: {len(curve)} values for {len(stages)} stages')
+            label = _drawable(method)
+            if class_sensitivity is not None and class_sensitivity.get(method) is not None:
+                label += f' (classes {class_sensitivity[method]:.2f})'
+            panel.plot(range(len(stages)), curve, marker='o', label=label)
+        panel.axhline(0., color='grey', linewidth=0.8)
+        panel.set_xticks(range(len(stages)), [_drawable(stage) for stage in stages], rotation=45, ha='right')
+        panel.set_xlabel('randomised down to')
+        panel.set_title(_drawable(measure))
+        panel.set_ylim(-1.05, 1.05)
+    panels[0].set_ylabel('similarity to the original map')
+    panels[-1].legend(fontsize=8, loc='lower left')
+    if title:
+        figure.suptitle(_drawable(title), fontsize=10)
+    return _save(figure, path)

@@ -112,6 +112,26 @@ def _check_quantiles(quantiles, device):
     return flat
 
 
+def check_selection_quantile(quantile):
+    """Return the quantile of a run's relevance mask as a float, checked to lie in [0, 1): above the 1 quantile (the
+    largest value) no pixel is selected, so every map would score as if it missed the tumour.
+
+    Raises
+    ------
+    MetricError
+        Naming the value.
+    """
+    try:
+        value = float(quantile)
+    except (TypeError, ValueError):
+        raise MetricError(f'quantile must be a number in [0, 1), got {quantile!r}') from None
+    if not 0 <= value < 1:
+        raise MetricError(f'quantile must lie in [0, 1), got {quantile!r}'
+                          + ('; the mask above the 1 quantile (the largest value) selects no pixel' if value == 1
+                             else ''))
+    return value
+
+
 def positive_map(relevance, size=None, names=None):
     """The map every metric reads: relevance summed over channels, resized if asked, negative part set to zero.
 

@@ -9,13 +9,22 @@ file.
 The run's identity (arguments, data and model fingerprints, and the versions of the libraries that compute the rows)
 is stored beside the log; resuming with a different identity is refused, since mixing rows of two different runs
 would silently corrupt the result.
+
+Before any work a run checks that its outputs can be written (:func:`writable_folder`) and takes its output folder
+for itself (:func:`exclusive`): a second run on the same outputs is told that they are in use. Every failure of the
+operating system on the way (no permission, no such folder, a file where a folder should be, a full disk) becomes
+one :class:`OutputError` naming the path.
 """
 import csv
+import datetime
+import fcntl
 import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
+from contextlib import contextmanager, suppress
 
 from lrp_brain.versions import library_versions
 
@@ -24,22 +33,156 @@ class ResumeError(ValueError):
     """A run cannot resume: its output folder holds a run with different arguments or inputs."""
 
 
+class OutputError(ValueError):
+    """An output cannot be written: the path, and what the operating system said (or that another run holds it)."""
+
+
+def _not_a_folder(path):
+    """The first of ``path`` and its parents that exists, if it is not a folder; ``None`` if it is one."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
+def _reason(error, path):
+    """An :class:`OSError` met while writing at ``path``, in words: the file in the way of a folder, or the operating
+    system's message with the path it concerns."""
+    blocking = _not_a_folder(path) if isinstance(error, (FileExistsError, NotADirectoryError)) else None
+    if blocking is not None:
+        return f'{blocking} exists and is not a folder'
+    reason = error.strerror or str(error) or type(error).__name__
+    concerned = os.fspath(error.filename) if error.filename is not None else None
+    return reason + (f' ({concerned})' if concerned and concerned != os.fspath(path) else '')
+
+
+def writable_folder(folder):
+    """Create ``folder`` (and its parents) if needed and check that files can be written in it: a probe file is
+    created, written, synced to disk and removed. Return the folder.
+
+    Raises
+    ------
+    OutputError
+        ``cannot write the output folder FOLDER: REASON`` (no permission, a read-only or full file system, a file or
+        device where a folder should be, a folder that cannot exist, e.g. under ``/proc``).
+    """
+    folder = os.fspath(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix='.write-probe.')
+        try:
+            os.write(handle, b'lrp-brain write probe\n')
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as error:
+        raise OutputError(f'cannot write the output folder {folder}: {_reason(error, folder)}') from None
+    return folder
+
+
+def check_output_file(path):
+    """Refuse to write over something that is not a regular file: a rename over a device (``/dev/null``), a pipe or
+    a folder would replace it."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise OutputError(f'cannot write {path}: it exists and is not a regular file (a folder, device or pipe); '
+                          f'choose another output')
+
+
+@contextmanager
+def exclusive(lock_path, what):
+    """Hold the lock file ``lock_path`` for the body, so that a second run on the same outputs is refused.
+
+    The folder of the lock file is checked writable first (:func:`writable_folder`). The lock is an ``flock`` on the
+    file, which the operating system releases when the process ends, however it ends: a killed run never blocks the
+    run that resumes it. The file is removed on exit (while still locked; a run that opened it meanwhile notices and
+    takes a fresh one).
+
+    Parameters
+    ----------
+    lock_path: str or os.PathLike
+        E.g. ``<out>/.lock``.
+    what: str
+        What the lock protects, for the message (the output folder or file).
+
+    Raises
+    ------
+    OutputError
+        ``WHAT is in use by another run (process PID on HOST since TIME); wait until it ends, or choose another
+        output``, or the output cannot be written.
+    """
+    lock_path = os.fspath(lock_path)
+    writable_folder(os.path.dirname(os.path.abspath(lock_path)))
+    handle = _take_lock(lock_path, what)
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            os.unlink(lock_path)
+        os.close(handle)
+
+
+def _take_lock(lock_path, what):
+    """Open and ``flock`` ``lock_path``; write who holds it into it; return the descriptor."""
+    while True:
+        try:
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise OutputError(f'cannot write the lock file {lock_path}: {_reason(error, lock_path)}') from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode('utf-8', 'replace').strip() or 'unknown process'
+            os.close(handle)
+            raise OutputError(f'{what} is in use by another run ({holder}); wait until it ends, or choose another '
+                              f'output') from None
+        except OSError as error:
+            os.close(handle)
+            raise OutputError(f'cannot lock {lock_path}: {_reason(error, lock_path)}') from None
+        try:
+            current = os.stat(lock_path)
+        except FileNotFoundError:
+            current = None
+        opened = os.fstat(handle)
+        if current is not None and (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
+            break
+        os.close(handle)  # its holder removed it after we opened it: take the file that is there now
+    since = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f'process {os.getpid()} on {socket.gethostname()} since {since}\n'.encode())
+    except OSError as error:
+        os.close(handle)
+        raise OutputError(f'cannot write the lock file {lock_path}: {_reason(error, lock_path)}') from None
+    return handle
+
+
 def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    Raises
+    ------
+    OutputError
+        Naming ``path``, for any failure of the operating system, or where ``path`` is a folder, device or pipe.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    check_output_file(path)
+    temporary = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it a normal file's mode
         with os.fdopen(handle, 'wb') as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as error:
+        if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise OutputError(f'cannot write {path}: {_reason(error, path)}') from None
         raise
 
 
@@ -156,10 +299,13 @@ class RowLog:
         row = json.loads(json.dumps(row, default=_json_default))
         if row[self.key] in self.rows:
             return
-        with open(self.path, 'a', encoding='utf-8') as file:
-            file.write(json.dumps(row) + '\n')
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            with open(self.path, 'a', encoding='utf-8') as file:
+                file.write(json.dumps(row) + '\n')
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            raise OutputError(f'cannot write {self.path}: {_reason(error, self.path)}') from None
         self.rows[row[self.key]] = row
 
     def ordered(self, keys):

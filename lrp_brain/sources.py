@@ -10,7 +10,8 @@ import torch
 
 from lrp_brain import distributed
 from lrp_brain.composites import zbox_bounds
-from lrp_brain.data import CLASS_NAMES, SliceDataset, Transform, load_split, relative_ref
+from lrp_brain.data import (CLASS_NAMES, SliceDataset, Transform, check_class_names, load_split, open_dataset,
+                            relative_ref)
 from lrp_brain.model import DEMO_MODEL_PATH, load_checkpoint, load_demo_model
 from lrp_brain.outputs import file_fingerprint, text_fingerprint
 from lrp_brain.phantom import phantom_dataset
@@ -36,6 +37,9 @@ class Source:
     split: lrp_brain.data.Split
     transform: lrp_brain.data.Transform
         The model's preprocessing (its size possibly overridden).
+    reader: lrp_brain.data.FigshareDataset or lrp_brain.data.ImageFolder
+        The dataset in its format (see :func:`lrp_brain.data.open_dataset`): what reads its slices, and whether they
+        have masks.
     """
     model: torch.nn.Module
     meta: dict
@@ -43,6 +47,7 @@ class Source:
     data: str
     split: object
     transform: Transform
+    reader: object = None
 
     @property
     def class_names(self):
@@ -60,7 +65,12 @@ class Source:
 
     def dataset(self, part):
         """The :class:`~lrp_brain.data.SliceDataset` of split part ``'train'``, ``'val'`` or ``'test'``."""
-        return SliceDataset(getattr(self.split, part), self.transform)
+        return SliceDataset(getattr(self.split, part), self.transform, self.reader.read)
+
+    @property
+    def has_masks(self):
+        """Whether the data has tumour masks (an image folder may have none: then only faithfulness is scored)."""
+        return self.reader.has_masks
 
     def data_id(self, part):
         """A fingerprint of the files of split part ``part`` (their names relative to the dataset and sizes)."""
@@ -84,7 +94,8 @@ def open_source(checkpoint=None, data=None, split_file=None, split_method='patie
     checkpoint: str, optional
         An lrp-brain checkpoint or a bare torchvision VGG state dict; the bundled demo model if ``None``.
     data: str, optional
-        A Figshare dataset (folder, zip or .mat); a phantom set in the cache folder if ``None``.
+        A Figshare dataset (folder, zip or .mat) or an image folder (see :mod:`lrp_brain.data.images`); a phantom
+        set in the cache folder if ``None``.
     split_file: str, optional
         The split JSON to reuse (made and saved there if missing). Without it, the split is made afresh with
         ``split_method`` and ``split_seed`` (deterministic).
@@ -98,14 +109,21 @@ def open_source(checkpoint=None, data=None, split_file=None, split_method='patie
     Returns
     -------
     Source
+
+    Raises
+    ------
+    DataError
+        Besides the data's own problems: a model whose class names are not the data's (both lists shown).
     """
     source = open_model(checkpoint, size)
     with distributed.main_first():  # under torchrun, rank 0 writes the phantoms and the split file, the rest read
         if data is None:
             data = phantom_dataset(**DEFAULT_PHANTOMS, quiet=quiet or not distributed.is_main())
-        split = load_split(data, split_file=split_file, method=split_method, seed=split_seed,
+        reader = open_dataset(data)
+        check_class_names(reader, source.class_names)
+        split = load_split(reader, split_file=split_file, method=split_method, seed=split_seed,
                            quiet=quiet or not distributed.is_main())
-    return replace(source, data=os.fspath(data), split=split)
+    return replace(source, data=os.fspath(data), split=split, reader=reader)
 
 
 def open_model(checkpoint=None, size=None):

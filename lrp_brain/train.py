@@ -21,6 +21,8 @@ image from ``(seed, e, index)``, whichever worker reads it). An interrupted run 
 finished epoch without storing random states, and ends with the weights an uninterrupted run would have.
 """
 import io
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -30,12 +32,12 @@ from torch.nn import functional
 from tqdm import tqdm
 
 from lrp_brain import distributed
-from lrp_brain.data import CLASS_NAMES, DataError, Transform, load_split, read_slice
+from lrp_brain.data import CLASS_NAMES, DataError, Transform, load_split, open_dataset, read_slice
 from lrp_brain.figures import confusion_matrix_figure
 from lrp_brain.model import (
-    CheckpointError, build_model, init_imagenet, load_checkpoint, resolve_device, save_checkpoint,
+    CheckpointError, _non_finite_problems, build_model, init_imagenet, load_checkpoint, resolve_device, save_checkpoint,
 )
-from lrp_brain.outputs import ResumeError, atomic_write_bytes, atomic_write_json
+from lrp_brain.outputs import ResumeError, atomic_write_bytes, atomic_write_json, check_output_file, exclusive
 from lrp_brain.phantom import phantom_dataset
 from lrp_brain.versions import library_versions
 
@@ -43,6 +45,10 @@ from lrp_brain.versions import library_versions
 DEFAULT_PHANTOMS = 600
 
 _RESUME_FORMAT = 'lrp-brain training state'
+
+
+class TrainingError(ValueError):
+    """Training cannot start (a bad option) or cannot go on (the loss or the weights are no longer finite)."""
 
 
 def output_paths(out):
@@ -79,16 +85,20 @@ class LabelledSlices(torch.utils.data.Dataset):
         items are read.
     seed: int
         The run's seed.
+    read: callable
+        Reads one reference (:func:`lrp_brain.data.read_slice`, or a dataset's ``read``, see
+        :func:`lrp_brain.data.open_dataset`).
 
     Attributes
     ----------
     epoch: int
         The epoch the next flips belong to; set it (:meth:`set_epoch`) before iterating.
     """
-    def __init__(self, refs, transform, seed=0):
+    def __init__(self, refs, transform, seed=0, read=read_slice):
         self.refs = list(refs)
         self.transform = transform
         self.seed = int(seed)
+        self.read = read
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -98,9 +108,9 @@ class LabelledSlices(torch.utils.data.Dataset):
         return len(self.refs)
 
     def __getitem__(self, index):
-        item = read_slice(self.refs[index])
+        item = self.read(self.refs[index])
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
-        image, _ = self.transform(item.image, generator=generator)
+        image, _ = self.transform(item.image, generator=generator, full_scale=item.full_scale)
         return image, item.label
 
 
@@ -156,7 +166,7 @@ def confusion_matrix(labels, predictions, num_classes):
 
 @torch.no_grad()
 def evaluate(model, refs, transform, class_names=CLASS_NAMES, device='cpu', batch_size=32, num_workers=0,
-             progress=False, description='evaluating'):
+             progress=False, description='evaluating', read=read_slice):
     """Classify slices and count the outcomes.
 
     Parameters
@@ -175,6 +185,8 @@ def evaluate(model, refs, transform, class_names=CLASS_NAMES, device='cpu', batc
         Loading.
     progress: bool
         Show a progress bar.
+    read: callable
+        Reads one reference (see :class:`LabelledSlices`).
 
     Returns
     -------
@@ -183,7 +195,7 @@ def evaluate(model, refs, transform, class_names=CLASS_NAMES, device='cpu', batc
     model.eval().to(device)
     # under torchrun each process classifies every world_size-th slice; the counts are summed over the processes
     shard = list(refs)[distributed.rank()::distributed.world_size()]
-    loader = torch.utils.data.DataLoader(LabelledSlices(shard, transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(LabelledSlices(shard, transform, read=read), batch_size=batch_size,
                                          num_workers=num_workers)
     labels, predictions = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     for images, batch_labels in tqdm(loader, desc=description, unit='batch', leave=False,
@@ -275,7 +287,7 @@ def _resume_state(paths, arguments, epochs):
 def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_size=32, lr=1e-4, size=224,
           split_file=None, seed=0, device='auto', init_weights=None, num_workers=0, progress=True,
           phantoms=DEFAULT_PHANTOMS):
-    """Train a VGG classifier of the three tumour classes, keep the best on validation, report it on test.
+    """Train a VGG classifier of the dataset's classes, keep the best on validation, report it on test.
 
     Rerunning the same call after an interruption resumes from the last finished epoch; asking for more epochs
     than a finished run had continues it.
@@ -283,8 +295,9 @@ def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_
     Parameters
     ----------
     data: str or os.PathLike, optional
-        The dataset (see :func:`lrp_brain.data.find_slices`). ``None``: ``phantoms`` generated phantoms (see
-        :func:`lrp_brain.phantom.phantom_dataset`, seeded with ``seed``).
+        The dataset: Figshare slices or an image folder (see :func:`lrp_brain.data.open_dataset`); the model's classes
+        are the dataset's. ``None``: ``phantoms`` generated phantoms (see :func:`lrp_brain.phantom.phantom_dataset`,
+        seeded with ``seed``).
     out: str or os.PathLike
         The model file; the other outputs are written beside it (see :func:`output_paths`).
     arch: str
@@ -325,9 +338,18 @@ def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_
         Where the outputs belong to a run with other arguments (see :func:`_resume_state`).
     DataError
         For bad data or a split with an empty part.
+    TrainingError
+        For a learning rate that is not a finite number > 0, before any work; and when the loss of a batch or the
+        weights after an epoch are NaN or infinite: training stops there, naming the learning rate, the epoch and
+        the batch, and the files of the last finished epoch are left as they were (nothing is written for the
+        diverged one).
+    OutputError
+        Where the outputs cannot be written (checked before any work), or another run is writing them.
     """
     if int(epochs) < 1:
         raise ValueError(f'epochs must be at least 1, got {epochs!r}')
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise TrainingError(f'the learning rate (--lr) must be a finite number > 0, got {lr!r}')
     device = resolve_device(device)
     progress = progress and distributed.is_main()
     with distributed.main_first():  # under torchrun, rank 0 writes the phantoms, the rest read them
@@ -341,67 +363,86 @@ def train(data=None, out='model.pt', arch='vgg16', width=None, epochs=30, batch_
         'lr': float(lr), 'size': int(size), 'split_file': paths['split'], 'seed': int(seed),
         'init_weights': None if init_weights is None else os.path.abspath(os.fspath(init_weights)),
     }
-    state = _resume_state(paths, arguments, int(epochs))
-    with distributed.main_first():  # rank 0 writes the split file, the rest read it
-        os.makedirs(os.path.dirname(paths['checkpoint']), exist_ok=True)
-        split = load_split(data, paths['split'], method='patient', seed=seed, quiet=not progress)
-    for name, refs in split.parts().items():
-        if not refs:
-            raise DataError(f'the {name} part of the split is empty', paths['split'], 'split file')
-    train_transform = Transform(size=size, flips=True)
-    eval_transform = Transform(size=size)
-    class_names = tuple(CLASS_NAMES)
+    for path in paths.values():
+        check_output_file(path)  # a rename over a device or pipe named as output would replace it
+    # the outputs' folder is checked writable and held for this run (rank 0 writes): a second run on it is refused
+    with distributed.held_by_main(lambda: exclusive(paths['checkpoint'] + '.lock', paths['checkpoint'])):
+        state = _resume_state(paths, arguments, int(epochs))
+        with distributed.main_first():  # rank 0 writes the split file, the rest read it
+            dataset = open_dataset(data)
+            split = load_split(dataset, paths['split'], method='patient', seed=seed, quiet=not progress)
+        for name, refs in split.parts().items():
+            if not refs:
+                raise DataError(f'the {name} part of the split is empty', paths['split'], 'split file')
+        train_transform = Transform(size=size, flips=True)
+        eval_transform = Transform(size=size)
+        class_names = tuple(dataset.class_names)
 
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-        torch.manual_seed(seed)
-        model = build_model(arch, num_classes=len(class_names), width=width)
-        if init_weights is not None:
-            init_imagenet(model, init_weights)
-    model.to(device)
-    # DistributedDataParallel averages the gradients of the processes after every backward pass
-    trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
-        if distributed.active() else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    if state is None:
-        state = {'format': _RESUME_FORMAT, 'arguments': arguments, 'epoch': 0, 'best_epoch': 0,
-                 'best_val_accuracy': -1., 'history': []}
-    else:
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-    resumed_from = state['epoch']
-
-    meta = {
-        'arch': arch, 'width': width, 'class_names': list(class_names), 'input_size': int(size),
-        'transform': eval_transform.to_dict(), 'split_file': paths['split'], 'seed': int(seed),
-        'training': {**arguments, 'optimizer': 'Adam', 'loss': 'cross-entropy', 'flips': 'left-right'},
-    }
-    train_set = LabelledSlices(split.train, train_transform, seed)
-    epoch_bar = tqdm(range(resumed_from + 1, int(epochs) + 1), desc='epochs', unit='epoch', disable=not progress,
-                     initial=resumed_from, total=int(epochs))
-    for epoch in epoch_bar:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
-            # dropout masks: from (seed, epoch), and the rank when there are several processes
-            torch.manual_seed(derived_seed(seed, epoch, *([distributed.rank()] if distributed.active() else [])))
-            loss, accuracy = _train_epoch(trained, optimizer, train_set, epoch, seed, batch_size, device,
-                                          num_workers, progress)
-        validation = evaluate(model, split.val, eval_transform, class_names, device, batch_size, num_workers,
-                              progress, 'validating')
-        row = {'epoch': epoch, 'train_loss': loss, 'train_accuracy': accuracy, 'val_accuracy': validation.accuracy}
-        state['history'].append(row)
-        improved = validation.accuracy > state['best_val_accuracy']
-        if improved:
-            state['best_epoch'], state['best_val_accuracy'] = epoch, validation.accuracy
-        state.update(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict())
-        distributed.on_main(lambda: _save_epoch(paths, model, state, meta if improved else None))
-        epoch_bar.set_postfix(loss=f'{loss:.3f}', val=f'{validation.accuracy:.3f}',
-                              best=f'{state["best_val_accuracy"]:.3f}')
+            torch.manual_seed(seed)
+            model = build_model(arch, num_classes=len(class_names), width=width)
+            if init_weights is not None:
+                init_imagenet(model, init_weights)
+        model.to(device)
+        # DistributedDataParallel averages the gradients of the processes after every backward pass
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == 'cuda' else None) if distributed.active() else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        if state is None:
+            state = {'format': _RESUME_FORMAT, 'arguments': arguments, 'epoch': 0, 'best_epoch': 0,
+                     'best_val_accuracy': -1., 'history': []}
+        else:
+            model.load_state_dict(state['model'])
+            optimizer.load_state_dict(state['optimizer'])
+        resumed_from = state['epoch']
 
-    best_model, best_meta = load_checkpoint(paths['checkpoint'])
-    test = evaluate(best_model, split.test, Transform.from_dict(best_meta['transform']), class_names, device,
-                    batch_size, num_workers, progress, 'testing')
-    distributed.on_main(lambda: _save_test(paths, test, state, seed))
-    return TrainResult(paths, state['epoch'], resumed_from, state['best_epoch'], state['best_val_accuracy'],
-                       list(state['history']), test)
+        meta = {
+            'arch': arch, 'width': width, 'class_names': list(class_names), 'input_size': int(size),
+            'transform': eval_transform.to_dict(), 'split_file': paths['split'], 'seed': int(seed),
+            'training': {**arguments, 'optimizer': 'Adam', 'loss': 'cross-entropy', 'flips': 'left-right'},
+        }
+        train_set = LabelledSlices(split.train, train_transform, seed, dataset.read)
+        epoch_bar = tqdm(range(resumed_from + 1, int(epochs) + 1), desc='epochs', unit='epoch', disable=not progress,
+                         initial=resumed_from, total=int(epochs))
+        for epoch in epoch_bar:
+            with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+                # dropout masks: from (seed, epoch), and the rank when there are several processes
+                torch.manual_seed(derived_seed(seed, epoch, *([distributed.rank()] if distributed.active() else [])))
+                try:
+                    loss, accuracy = _train_epoch(trained, optimizer, train_set, epoch, seed, batch_size, device,
+                                                  num_workers, progress)
+                except TrainingError as error:
+                    raise TrainingError(f'{error}. {_kept(paths, state)}') from None
+            broken = _non_finite_problems(model.state_dict())
+            if broken:
+                raise TrainingError(f'training diverged: after epoch {epoch} with the learning rate {lr:g} '
+                                    f'{broken}; try a smaller --lr. {_kept(paths, state)}')
+            validation = evaluate(model, split.val, eval_transform, class_names, device, batch_size, num_workers,
+                                  progress, 'validating', dataset.read)
+            row = {'epoch': epoch, 'train_loss': loss, 'train_accuracy': accuracy, 'val_accuracy': validation.accuracy}
+            state['history'].append(row)
+            improved = validation.accuracy > state['best_val_accuracy']
+            if improved:
+                state['best_epoch'], state['best_val_accuracy'] = epoch, validation.accuracy
+            state.update(epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict())
+            distributed.on_main(lambda: _save_epoch(paths, model, state, meta if improved else None))
+            epoch_bar.set_postfix(loss=f'{loss:.3f}', val=f'{validation.accuracy:.3f}',
+                                  best=f'{state["best_val_accuracy"]:.3f}')
+
+        best_model, best_meta = load_checkpoint(paths['checkpoint'])
+        test = evaluate(best_model, split.test, Transform.from_dict(best_meta['transform']), class_names, device,
+                        batch_size, num_workers, progress, 'testing', dataset.read)
+        distributed.on_main(lambda: _save_test(paths, test, state, seed))
+        return TrainResult(paths, state['epoch'], resumed_from, state['best_epoch'], state['best_val_accuracy'],
+                           list(state['history']), test)
+
+
+def _kept(paths, state):
+    """What a stopped run leaves behind, in words."""
+    if not state['epoch']:
+        return 'No model and no resume state were saved: no epoch finished'
+    return (f'Kept as they were: the model of epoch {state["best_epoch"]} in {paths["checkpoint"]} and the state after '
+            f'epoch {state["epoch"]} in {paths["resume"]}; delete both to start over with another learning rate')
 
 
 def _save_epoch(paths, model, state, best_meta):
@@ -466,11 +507,17 @@ def _train_epoch(model, optimizer, dataset, epoch, seed, batch_size, device, num
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
         loss = functional.cross_entropy(logits, labels)
+        value = loss.item()
+        # every process stops at the same batch (a process that stopped alone would leave the others waiting)
+        if distributed.all_reduce_sum(torch.tensor([0. if math.isfinite(value) else 1.])).item():
+            raise TrainingError(f'training diverged: the loss of epoch {epoch}, batch {step + 1} of {len(lengths)} is '
+                                f'not finite ({value}) with the learning rate '
+                                f'{optimizer.param_groups[0]["lr"]:g}; try a smaller --lr')
         # DistributedDataParallel averages the processes' gradients (divides their sum by W); weighting each
         # process's mean loss by W times its share of the batch makes that the gradient of the whole batch's mean
         (loss * (len(labels) * distributed.world_size() / lengths[step])).backward()
         optimizer.step()
-        total_loss += loss.item() * len(labels)
+        total_loss += value * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         count += len(labels)
     total_loss, correct, count = distributed.all_reduce_sum(torch.tensor([total_loss, correct, count],

@@ -185,9 +185,9 @@ def test_relevance_of_folded_head_equals_hand_folded_copy_and_reference():
     input = images(batch=1)
     for target in range(3):
         attr_output = torch.eye(3, dtype=torch.float64)[[target]]
-        with Gradient(model, VGGComposite()) as attributor:
+        with Gradient(model, VGGComposite(low=0., high=1.)) as attributor:
             _, relevance = attributor(input.clone(), attr_output)
-        with Gradient(folded, VGGComposite()) as attributor:
+        with Gradient(folded, VGGComposite(low=0., high=1.)) as attributor:
             _, expected = attributor(input.clone(), attr_output)
         assert relative_error(relevance, expected) < EXACT
         _, reference = reference_lrp(folded, input, attr_output=attr_output)

@@ -50,8 +50,10 @@ def bounded_input(batch, size, low=0., high=1., seed=1):
 
 
 def composite_lrp(model, input, attr_output, **composite_kwargs):
-    """Attribute with the composite the way a Zennit user does: the Gradient attributor and an output relevance."""
-    with Gradient(model, VGGComposite(**composite_kwargs)) as attributor:
+    """Attribute with the composite the way a Zennit user does: the Gradient attributor and an output relevance. The
+    z^B bounds are the reference's defaults, 0 and 1 (the composite's own default is each sample's box), unless
+    given."""
+    with Gradient(model, VGGComposite(**{'low': 0., 'high': 1., **composite_kwargs})) as attributor:
         output, relevance = attributor(input, attr_output)
     return output, relevance
 

@@ -109,3 +109,60 @@ def test_row_log_drops_a_torn_line_and_duplicates(tmp_path):
     assert reopened.rows == {'a': {'id': 'a', 'value': 1}}
     reopened.append({'id': 'b', 'value': 3})
     assert [json.loads(line)['id'] for line in (tmp_path / 'rows.jsonl').read_text().splitlines()] == ['a', 'b']
+
+
+# --- faithfulness --------------------------------------------------------------------------------------------------
+
+def test_faithfulness_columns_are_morf_lerf_of_the_explained_maps(setup):
+    """The rows' MoRF AUC, LeRF AUC and gap are those of region perturbation applied to the very maps explain gives
+    (recomputed here image by image, one image per call), and the summary's means are the rows' means."""
+    import torch
+
+    from lrp_brain.explain import explain
+    from lrp_brain.faithfulness import DEFAULTS, morf_lerf
+
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    rows, summary = evaluate(source, 'test', progress=False, batch_size=4, perturbation={'steps': 6})
+    dataset = source.dataset('test')
+    low, high = source.bounds
+    for index in (0, len(rows) - 1):
+        item = dataset[index]
+        image, label = item['image'][None], torch.tensor([item['label']])
+        relevance = explain(source.model, image, labels=label, low=low, high=high).relevance
+        curves = morf_lerf(source.model, image, relevance, label, **{**DEFAULTS, 'steps': 6})
+        assert rows[index]['morf_auc'] == pytest.approx(float(curves.morf_auc[0]), rel=1e-5)
+        assert rows[index]['lerf_auc'] == pytest.approx(float(curves.lerf_auc[0]), rel=1e-5)
+        assert rows[index]['faithfulness_gap'] == pytest.approx(float(curves.gap[0]), rel=1e-5, abs=1e-6)
+    for name in ('morf_auc', 'lerf_auc', 'faithfulness_gap'):
+        values = [row[name] for row in rows]
+        assert summary[name]['overall']['mean'] == pytest.approx(sum(values) / len(values), rel=1e-12)
+    assert summary['settings']['perturbation'] == {**DEFAULTS, 'steps': 6}
+    assert summary['settings']['criteria'] == ['localisation', 'faithfulness']
+
+
+def test_metrics_choose_what_is_scored(setup):
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    localisation, summary = evaluate(source, 'test', progress=False, criteria='localisation')
+    assert 'iou' in localisation[0] and 'faithfulness_gap' not in localisation[0] and 'faithfulness_gap' not in summary
+    faithful, summary = evaluate(source, 'test', progress=False, criteria='faithfulness', perturbation={'steps': 4})
+    assert 'faithfulness_gap' in faithful[0] and 'iou' not in faithful[0] and 'flags' not in faithful[0]
+    assert 'iou' not in summary and summary['images'] == len(faithful)
+    with pytest.raises(ValueError, match="metrics must be localisation, faithfulness or both, got 'iou'"):
+        evaluate(source, 'test', progress=False, criteria='iou')
+    with pytest.raises(ValueError, match=r"unknown perturbation settings \['patch'\]"):
+        evaluate(source, 'test', progress=False, perturbation={'patch': 4})
+
+
+def test_cli_evaluate_faithfulness_only(setup):
+    folder, data, checkpoint = setup
+    out = folder / 'faithful'
+    result = CliRunner().invoke(main, ['evaluate', '--data', data, '--checkpoint', checkpoint, '--out', str(out),
+                                       '--quiet', '--device', 'cpu', '--metrics', 'faithfulness', '--steps', '4',
+                                       '--baseline', '0'])
+    assert result.exit_code == 0, result.output
+    assert 'faithfulness_gap' in result.output and 'iou' not in result.output
+    rows = read_csv(out / 'rows.csv')
+    assert set(rows[0]) >= {'morf_auc', 'lerf_auc', 'faithfulness_gap'} and 'iou' not in rows[0]
+    assert json.loads((out / 'summary.json').read_text())['settings']['perturbation']['baseline'] == 0.

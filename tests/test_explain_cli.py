@@ -70,11 +70,11 @@ def test_mat_input_writes_the_relevance_of_its_label_and_prints_its_metrics(setu
     item = read_slice(path)
     image, mask = Transform(size=SIZE)(item.image, item.mask)
     reference = reference_relevance(checkpoint, image, item.label)
-    saved = np.load(out / '2.npy')
+    saved = np.load(out / '2.mat.npy')
     assert saved.shape == (3, SIZE, SIZE)
     np.testing.assert_allclose(saved, reference.relevance[0].numpy(), rtol=1e-5, atol=1e-7)
-    assert (out / '2.png').stat().st_size > 0
-    assert sorted(os.listdir(out)) == ['2.npy', '2.png']
+    assert (out / '2.mat.png').stat().st_size > 0
+    assert sorted(os.listdir(out)) == ['2.mat.npy', '2.mat.png']
 
     assert reference.predictions[0] != item.label  # so the map of the label is not that of the prediction
     (probabilities,) = printed_probabilities(result.output)
@@ -96,14 +96,14 @@ def test_target_all_writes_one_map_per_class(setup):
 
     item = read_slice(path)
     image, _ = Transform(size=SIZE)(item.image, item.mask)
-    every = np.load(out / '1.classes.npy')
+    every = np.load(out / '1.mat.classes.npy')
     assert every.shape == (len(CLASS_NAMES), 3, SIZE, SIZE)
     # the K maps are computed as one batch of K copies (batch composition changes LRP's rounding, here by ~0.3 %)
     model, _ = load_checkpoint(checkpoint)
     reference = explain(model, image.repeat(len(CLASS_NAMES), 1, 1, 1), target=torch.arange(len(CLASS_NAMES)))
     np.testing.assert_allclose(every, reference.relevance.numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_array_equal(np.load(out / '1.npy'), every[item.label])
-    assert (out / '1.classes.png').stat().st_size > 0 and (out / '1.png').stat().st_size > 0
+    np.testing.assert_array_equal(np.load(out / '1.mat.npy'), every[item.label])
+    assert (out / '1.mat.classes.png').stat().st_size > 0 and (out / '1.mat.png').stat().st_size > 0
     assert len(re.findall(r'\d\.\d+', result.output.split("IoU of each class's map:")[1].splitlines()[0])) == 3
 
 
@@ -116,7 +116,7 @@ def test_target_by_class_name(setup):
     result = run(path, '--checkpoint', checkpoint, '--out', out, '--target', 'Glioma')
     assert result.exit_code == 0, result.output
     reference = reference_relevance(checkpoint, image, 1)
-    np.testing.assert_allclose(np.load(out / '1.npy'), reference.relevance[0].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.load(out / '1.mat.npy'), reference.relevance[0].numpy(), rtol=1e-5, atol=1e-7)
     assert 'relevance of glioma (as asked)' in result.output
 
 
@@ -142,24 +142,28 @@ def test_png_input_is_explained_for_its_prediction_without_metrics(setup):
 
     image, _ = Transform(size=SIZE)(rgba[..., :3].astype(np.float64).mean(axis=-1))
     reference = reference_relevance(checkpoint, image, 'pred')
-    np.testing.assert_allclose(np.load(out / 'scan.npy'), reference.relevance[0].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.load(out / 'scan.png.npy'), reference.relevance[0].numpy(), rtol=1e-5,
+                               atol=1e-7)
     assert 'no tumour mask, so no metrics' in result.output and 'iou' not in result.output
     assert f'relevance of {CLASS_NAMES[int(reference.targets[0])]} (the prediction)' in result.output
     (probabilities,) = printed_probabilities(result.output)
     assert sum(probabilities) == pytest.approx(1, abs=2e-3)
-    assert (out / 'scan.png').stat().st_size > 0
+    assert (out / 'scan.png.png').stat().st_size > 0
 
 
-def test_data_and_index_explain_the_slices_at_those_positions_with_unique_names(setup):
+def test_data_and_index_explain_the_slices_at_those_positions_named_by_their_files(setup):
     folder, data, checkpoint = setup
     refs = find_slices(data)
     out = folder / 'index'
-    result = run(refs[0], '--data', data, '--index', 3, '--index', 0, '--checkpoint', checkpoint, '--out', out)
+    result = run(refs[0], '--data', data, '--index', 3, '--index', 1, '--checkpoint', checkpoint, '--out', out)
     assert result.exit_code == 0, result.output
-    assert result.output.index(f'1: {refs[0]}') < result.output.index(f'4: {refs[3]}') < \
-        result.output.index(f'1-2: {refs[0]}')
-    assert sorted(os.listdir(out)) == ['1-2.npy', '1-2.png', '1.npy', '1.png', '4.npy', '4.png']
-    np.testing.assert_array_equal(np.load(out / '1.npy'), np.load(out / '1-2.npy'))
+    assert result.output.index(f'1.mat: {refs[0]}') < result.output.index(f'4.mat: {refs[3]}') < \
+        result.output.index(f'2.mat: {refs[1]}')
+    assert sorted(os.listdir(out)) == ['1.mat.npy', '1.mat.png', '2.mat.npy', '2.mat.png', '4.mat.npy', '4.mat.png']
+    # the same slice twice would write one name twice: refused
+    result = run(refs[0], '--data', data, '--index', 0, '--checkpoint', checkpoint, '--out', folder / 'twice')
+    assert result.exit_code == 1 and 'Traceback' not in result.output
+    assert f'{refs[0]} is given twice (input 1 and --index 0); give each input once' in result.output
 
 
 @pytest.mark.parametrize('make, arguments, message', [

@@ -19,7 +19,7 @@ from lrp_brain.composites import VGGComposite
 from lrp_brain.explain import ExplainError, explain
 from lrp_brain.metrics import MetricError, evaluate_maps
 from lrp_brain.model import vgg16_small
-from lrp_brain.sweep import SweepEngine, SweepError
+from lrp_brain.sweep_engine import SweepEngine, SweepError
 from reference_lrp import randomize_biases_and_statistics, reference_lrp
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
@@ -65,9 +65,10 @@ def expected_finite(biases, std_epsilon):
 
 
 def composite_relevance(model, images, **composite_options):
-    """The relevance of :class:`VGGComposite` through Zennit's ``Gradient``, one-hot at :data:`TARGETS`."""
+    """The relevance of :class:`VGGComposite` through Zennit's ``Gradient``, one-hot at :data:`TARGETS`, with the
+    reference's z^B bounds 0 and 1 unless given."""
     output_relevance = torch.eye(3, dtype=images.dtype)[TARGETS]
-    with Gradient(model, VGGComposite(**composite_options)) as attributor:
+    with Gradient(model, VGGComposite(**{'low': 0., 'high': 1., **composite_options})) as attributor:
         _, relevance = attributor(images.clone().requires_grad_(True), output_relevance)
     return relevance
 
@@ -113,7 +114,7 @@ def test_extreme_settings_match_the_reference_or_fail_clearly(biases, epsilon, g
 def test_sweep_engine_at_extreme_settings(biases, std_epsilon):
     """The sweep gives the reference where it is finite; where it is not, the metrics refuse the map, naming it."""
     model, images = network(biases), batch()
-    grid = SweepEngine(model, EXTREMES, EXTREMES, std_epsilon=std_epsilon).relevance(images, TARGETS)
+    grid = SweepEngine(model, EXTREMES, EXTREMES, 0., 1., std_epsilon=std_epsilon).relevance(images, TARGETS)
     finite = expected_finite(biases, std_epsilon)
     masks = torch.zeros(3, 32, 32)
     masks[:, 8:20, 8:20] = 1

@@ -86,7 +86,9 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
     assert meta == {
         'arch': 'vgg16', 'width': 4, 'batch_norm': True, 'num_classes': 3, 'class_names': list(CLASS_NAMES),
         'input_size': 48, 'transform': transform, 'split_file': str(tmp_path / 'split.json'), 'val_accuracy': .75,
-        'extra': [1, 2],
+        'extra': [1, 2], 'avgpool': [7, 7],
+        'head': [['Linear', 32 * 7 * 7, 256, True], ['ReLU'], ['Dropout', .5], ['Linear', 256, 256, True], ['ReLU'],
+                 ['Dropout', .5], ['Linear', 256, 3, True]],
     }
     payload = torch.load(path, weights_only=True)
     assert payload['format'] == 'lrp-brain-checkpoint' and payload['version'] == 1
@@ -153,7 +155,9 @@ def test_shape_mismatch_names_the_layer(tmp_path):
     path = tmp_path / 'four.pt'
     save_checkpoint(path, vgg16_small(width=4, num_classes=4), {})
     payload = torch.load(path, weights_only=True)
-    payload['meta']['num_classes'] = 3
+    # metadata for 3 classes, consistent in itself, over weights for 4
+    payload['meta'].update(num_classes=3, class_names=['a', 'b', 'c'])
+    payload['meta']['head'][-1] = ['Linear', 256, 3, True]
     torch.save(payload, path)
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
@@ -248,3 +252,145 @@ def test_resolve_device():
     else:
         with pytest.raises(ValueError, match='CUDA device'):
             resolve_device(f'cuda:{torch.cuda.device_count()}')
+
+
+# --- any VGG head ---------------------------------------------------------------------------------------------------
+
+#: The head of many Keras-trained brain-MRI VGGs, at width 4 after a 1×1 average pool.
+FOREIGN_HEAD = [['Linear', 32, 16, True], ['ReLU'], ['BatchNorm1d', 16, 1e-3, True], ['Dropout', .25],
+                ['Linear', 16, 8, True], ['ReLU'], ['Linear', 8, 4, True]]
+
+
+def foreign_head_model(seed=0):
+    """vgg16 features at width 4, a 1×1 average pool and :data:`FOREIGN_HEAD` (random BatchNorm statistics), as a
+    user's own module would hold them."""
+    torch.manual_seed(seed)
+    model = vgg16_small(width=4, num_classes=4)
+    model.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    model.classifier = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.BatchNorm1d(16, eps=1e-3), nn.Dropout(.25),
+                                     nn.Linear(16, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    batch_norm = model.classifier[2]
+    with torch.no_grad():
+        batch_norm.running_mean.normal_(0., .1)
+        batch_norm.running_var.uniform_(.5, 2.)
+        batch_norm.weight.uniform_(.5, 1.5)
+        batch_norm.bias.normal_(0., .1)
+    return model.eval()
+
+
+def save_foreign(path):
+    model = foreign_head_model()
+    save_checkpoint(path, model, {'input_size': 32, 'transform': Transform(size=32).to_dict()})
+    return model
+
+
+def test_foreign_head_round_trips(tmp_path):
+    path = tmp_path / 'foreign.pt'
+    model = save_foreign(path)
+    meta = torch.load(path, weights_only=True)['meta']
+    assert meta['head'] == FOREIGN_HEAD and meta['avgpool'] == [1, 1]
+    assert (meta['arch'], meta['width'], meta['num_classes']) == ('vgg16', 4, 4)
+
+    loaded, meta = load_checkpoint(path)
+    assert [type(module) for module in loaded.classifier] == [type(module) for module in model.classifier]
+    assert loaded.classifier[2].eps == 1e-3 and loaded.classifier[3].p == .25
+    assert torch.equal(loaded(random_input(32)), model(random_input(32)))
+    assert torch.equal(loaded(random_input(64)), model(random_input(64)))  # the pool adapts to other sizes
+
+
+def test_cli_check_passes_on_a_foreign_head(tmp_path):
+    from click.testing import CliRunner
+
+    from lrp_brain.cli import main
+
+    path = tmp_path / 'foreign.pt'
+    save_foreign(path)
+    result = CliRunner().invoke(main, ['check', '--checkpoint', str(path)])
+    assert result.exit_code == 0, result.output
+    assert 'OK: safe to explain' in result.output
+    assert 'classifier.2     batchnorm1d_fc1 BatchNorm1d        merged by a canonizer' in result.output
+
+
+def test_save_refuses_a_head_layer_it_cannot_record(tmp_path):
+    model = foreign_head_model()
+    model.classifier[1] = nn.Tanh()
+    with pytest.raises(CheckpointError, match=r'a.pt: classifier\.1 is Tanh\(\); a checkpoint\'s head holds Linear, '
+                                              r'ReLU, BatchNorm1d .* and Dropout'):
+        save_checkpoint(tmp_path / 'a.pt', model, {})
+    model = foreign_head_model()
+    model.avgpool = nn.AdaptiveAvgPool2d((None, 2))
+    with pytest.raises(CheckpointError, match='avgpool AdaptiveAvgPool2d'):
+        save_checkpoint(tmp_path / 'a.pt', model, {})
+    assert not os.listdir(tmp_path)
+
+
+def test_bare_state_dict_with_a_foreign_head_says_what_it_found_and_what_to_do(tmp_path):
+    path = tmp_path / 'keras_like.pth'
+    torch.save(foreign_head_model().state_dict(), path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f'{path}: a bare state dict of vgg16 (width 4, 4 classes) whose classifier is not '
+                              f'torchvision\'s')
+    assert 'found classifier.0 Linear(32→16), classifier.2 BatchNorm1d(16), classifier.4 Linear(16→8), ' \
+           'classifier.6 Linear(8→4)' in message
+    assert 'lrp_brain.model.save_checkpoint(path, model, meta)' in message and '`lrp-brain import`' in message
+
+
+@pytest.mark.parametrize('hidden, pool', [(24, 7), (24, 1)])
+def test_bare_state_dict_of_torchvision_layout_with_other_widths_loads(tmp_path, hidden, pool):
+    """torchvision's classifier layout (Linear at 0, 3, 6) with its own widths and pool size, e.g. a fine-tuned
+    VGG16 whose hidden layers were shrunk: read off the weights."""
+    torch.manual_seed(0)
+    model = vgg16_small(width=4, num_classes=2)
+    model.avgpool = nn.AdaptiveAvgPool2d(pool)
+    model.classifier = nn.Sequential(nn.Linear(32 * pool * pool, hidden), nn.ReLU(True), nn.Dropout(),
+                                     nn.Linear(hidden, 12), nn.ReLU(True), nn.Dropout(), nn.Linear(12, 2))
+    path = tmp_path / 'shrunk.pth'
+    torch.save(model.state_dict(), path)
+    loaded, meta = load_checkpoint(path)
+    assert meta['inferred'] and meta['avgpool'] == [pool, pool] and meta['num_classes'] == 2
+    assert meta['head'] == [['Linear', 32 * pool * pool, hidden, True], ['ReLU'], ['Dropout', .5],
+                            ['Linear', hidden, 12, True], ['ReLU'], ['Dropout', .5], ['Linear', 12, 2, True]]
+    assert torch.equal(loaded(random_input(32)), model.eval()(random_input(32)))
+
+
+def test_the_same_vgg_with_another_head_names_both_heads(tmp_path):
+    """The issue's message named the same architecture twice ('vgg16 (width 64, 4 classes), do not fit vgg16 (width
+    64, 4 classes)'): when the VGGs agree, the heads are what differ, and the message shows both."""
+    path = tmp_path / 'foreign.pt'
+    save_foreign(path)
+    payload = torch.load(path, weights_only=True)
+    payload['meta']['head'] = [['Linear', 32, 12, True], ['ReLU'], ['Linear', 12, 4, True]]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(
+        f'{path}: the weights, vgg16 (width 4, 4 classes) with classifier classifier.0 Linear(32→16), classifier.2 '
+        f'BatchNorm1d(16), classifier.4 Linear(16→8), classifier.6 Linear(8→4), do not fit the metadata\'s vgg16 '
+        f'(width 4, 4 classes) with head Linear(32→12), ReLU, Linear(12→4): classifier.0.weight: checkpoint (16, 32) '
+        f'vs model (12, 32)'
+    )
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('head', [['Conv2d', 3]], (r"meta field head\[0\] is \['Conv2d', 3\]; a head layer is one of \[Linear, "
+                               r"in_features, out_features, bias\]; \[ReLU\]")),
+    ('head', FOREIGN_HEAD[:4] + [['Linear', 15, 8, True]] + FOREIGN_HEAD[5:],
+     r'meta field head\[4\]: Linear\(15→8\) reads 15 features, but 16 come before it'),
+    ('head', FOREIGN_HEAD[:3] + [['Dropout', 2]] + FOREIGN_HEAD[4:],
+     r'meta field head\[3\]: Dropout p must be a probability from 0 to 1, got 2'),
+    ('head', FOREIGN_HEAD[:2] + [['BatchNorm1d', 16, 1e-3, 'yes']] + FOREIGN_HEAD[3:],
+     r'meta field head\[2\]: BatchNorm1d affine must be a bool'),
+    ('head', FOREIGN_HEAD[:-1] + [['Linear', 8, 3, True]],
+     r'meta field num_classes is 4, but the head .* has 3 outputs'),
+    ('avgpool', [0, 1], r'meta field avgpool must be \[h, w\] of positive integers, got \[0, 1\]'),
+])
+def test_a_malformed_head_names_the_field(tmp_path, field, value, message):
+    path = tmp_path / 'foreign.pt'
+    save_foreign(path)
+    payload = torch.load(path, weights_only=True)
+    payload['meta'][field] = value
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f'foreign.pt: {message}'):
+        load_checkpoint(path)

@@ -1,6 +1,8 @@
-"""The fast rules of :mod:`lrp_brain.rules` against Zennit's own rules, hand-computed cases and Zennit's hook
-machinery: single layers, VGG-topology networks, both dtypes, signed inputs, zero bias, std-scaled ε, batches,
-removal, ``Composite.inactive()`` and plain Zennit composites."""
+"""The fast rules of :mod:`lrp_brain.rules` against Zennit's own rules, hand-computed cases, the reference LRP and
+Zennit's hook machinery: single layers of every type the rules serve, VGG-topology networks, both dtypes, signed
+inputs, zero bias, std-scaled ε, per-sample z^B bounds, batches, settings as a leading dimension (the sweep engine's
+use), removal, ``Composite.inactive()`` and plain Zennit composites. Zennit's own rule tests run against these rules
+as a CI step (``.ci/zennit_rules_plugin.py``)."""
 import pytest
 import torch
 from torch import nn
@@ -10,21 +12,27 @@ from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite
 
 from lrp_brain import rules
 from lrp_brain.composites import VGGComposite
-from reference_lrp import random_vgg
+from reference_lrp import Affine, random_vgg, zbox_rule
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 
 #: Relative tolerance (of the largest reference value) per dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
+#: ``{kind: (layer factory, input shape)}``: every layer type the fast rules serve, with strides, dilations, groups
+#: and output paddings.
 LAYERS = {
-    'conv': lambda: nn.Conv2d(4, 6, 3, padding=1),
-    'conv-strided': lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2),
-    'conv-grouped': lambda: nn.Conv2d(4, 6, 3, groups=2, padding='same'),
-    'conv-valid': lambda: nn.Conv2d(4, 6, 2, padding='valid', bias=False),
-    'linear': lambda: nn.Linear(12, 5),
+    'conv': (lambda: nn.Conv2d(4, 6, 3, padding=1), (3, 4, 9, 9)),
+    'conv-strided': (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2), (3, 4, 9, 9)),
+    'conv-grouped': (lambda: nn.Conv2d(4, 6, 3, groups=2, padding='same'), (3, 4, 9, 9)),
+    'conv-valid': (lambda: nn.Conv2d(4, 6, 2, padding='valid', bias=False), (3, 4, 9, 9)),
+    'linear': (lambda: nn.Linear(12, 5), (3, 12)),
+    'conv1d': (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (3, 4, 11)),
+    'conv3d-grouped': (lambda: nn.Conv3d(4, 6, 3, padding=1, groups=2), (2, 4, 5, 4, 6)),
+    'transposed1d': (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1), (3, 4, 7)),
+    'transposed2d-grouped': (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, dilation=2), (3, 4, 5, 5)),
+    'transposed3d': (lambda: nn.ConvTranspose3d(4, 3, 2, bias=False), (2, 4, 3, 4, 3)),
 }
-INPUT_SHAPES = {'conv': (3, 4, 9, 9), 'linear': (3, 12)}
 
 
 def rule_pairs(low=-1., high=2.):
@@ -35,6 +43,7 @@ def rule_pairs(low=-1., high=2.):
         pairs.update({
             f'epsilon{suffix}': (rules.Epsilon(0.1, zero_params), zennit_rules.Epsilon(0.1, zero_params)),
             f'lrp-0{suffix}': (rules.Epsilon(1e-6, zero_params), zennit_rules.Epsilon(1e-6, zero_params)),
+            f'negative epsilon{suffix}': (rules.Epsilon(-1e-3, zero_params), zennit_rules.Epsilon(-1e-3, zero_params)),
             f'std epsilon{suffix}': (
                 rules.Epsilon(rules.StdStabilizer(0.25), zero_params),
                 zennit_rules.Epsilon(rules.StdStabilizer(0.25), zero_params),
@@ -66,7 +75,7 @@ def relevance(model, composite, input, output_relevance=None):
 
 
 def on_layers(rule):
-    return LayerMapComposite([((nn.Conv2d, nn.Linear), rule)])
+    return LayerMapComposite([(rules.LAYERS, rule)])
 
 
 def assert_equal_to(actual, expected, dtype):
@@ -77,11 +86,12 @@ def assert_equal_to(actual, expected, dtype):
 
 def layer_and_input(kind, dtype, signed, seed=0):
     torch.manual_seed(seed)
-    layer = LAYERS[kind]().to(dtype)
+    make_layer, shape = LAYERS[kind]
+    layer = make_layer().to(dtype)
     with torch.no_grad():
         if layer.bias is not None:
             layer.bias.normal_(0., 0.3)
-    input = torch.randn(INPUT_SHAPES[kind.split('-')[0]], dtype=dtype)
+    input = torch.randn(shape, dtype=dtype)
     return layer, input if signed else input.abs()
 
 
@@ -97,7 +107,7 @@ def test_single_layer_equals_zennit(kind, signed, dtype):
         assert_equal_to(relevance(layer, on_layers(fast), input, output_relevance), expected, dtype)
 
 
-@pytest.mark.parametrize('kind', ['conv', 'linear'])
+@pytest.mark.parametrize('kind', ['conv', 'linear', 'conv3d-grouped', 'transposed2d-grouped'])
 def test_gamma_with_relevance_only_on_positive_outputs_equals_zennit(kind):
     """The one-pass case: non-negative input, relevance only where the output is positive (as behind a ReLU)."""
     layer, input = layer_and_input(kind, torch.float64, signed=False)
@@ -140,6 +150,81 @@ def test_zbox_with_per_channel_bounds_equals_zennit():
     high = torch.tensor([3., 2.5, 2., 4.], dtype=torch.float64).reshape(1, 4, 1, 1)
     expected = relevance(layer, on_layers(zennit_rules.ZBox(low, high)), input)
     assert_equal_to(relevance(layer, on_layers(rules.ZBox(low, high)), input), expected, torch.float64)
+
+
+@pytest.mark.parametrize('kind', LAYERS)
+def test_zbox_without_bounds_takes_each_samples_bounds(kind):
+    """``ZBox()`` equals z^B given each sample's per-channel minimum and maximum (for a Linear: per sample over all
+    features) — Zennit's ZBox and, where it has the layer, the reference LRP — and a sample's relevance does not depend
+    on the rest of its batch."""
+    layer, input = layer_and_input(kind, torch.float64, signed=True)
+    dims = tuple(range(1 if kind == 'linear' else 2, input.ndim))
+    low, high = input.amin(dim=dims, keepdim=True), input.amax(dim=dims, keepdim=True)
+    output_relevance = torch.randn_like(layer(input))
+    actual = relevance(layer, on_layers(rules.ZBox()), input, output_relevance)
+    expected = relevance(layer, on_layers(zennit_rules.ZBox(low, high)), input, output_relevance)
+    assert_equal_to(actual, expected, torch.float64)
+    if kind in ('conv', 'conv-strided', 'linear'):
+        independent = zbox_rule(Affine(layer), input, output_relevance, low, high, zero_bias=False)
+        assert_equal_to(actual, independent, torch.float64)
+    alone = relevance(layer, on_layers(rules.ZBox()), input[1:2], output_relevance[1:2])
+    assert_equal_to(alone, actual[1:2], torch.float64)
+    batch_bounds = relevance(layer, on_layers(rules.ZBox(input.min(), input.max())), input, output_relevance)
+    assert not torch.allclose(batch_bounds, actual)
+
+
+def with_weight(layer, weight, bias, input):
+    """``layer`` applied to ``input`` with another weight and bias, by the module's own forward."""
+    return torch.func.functional_call(layer, {'weight': weight, 'bias': bias}, (input,))
+
+
+@pytest.mark.parametrize('kind', LAYERS)
+def test_layer_passes_with_stacked_terms_and_settings_equal_the_modules_own(kind):
+    """``layer_forward`` of several (input, weight) terms and ``layer_backward`` of several weights for relevance
+    with a leading settings dimension (the sweep engine's use) equal the module's forward and its autograd input
+    gradient, term by term and setting by setting."""
+    layer, input = layer_and_input(kind, torch.float64, signed=True)
+    weight = layer.weight.detach()
+    weights = (weight, weight.clamp(min=0), 2 * weight + 1)
+    inputs = (input, input.clamp(max=0), input.abs())
+    bias = None if layer.bias is None else layer.bias.detach()
+    expected = with_weight(layer, weights[0], bias, inputs[0])
+    for term_input, term_weight in zip(inputs[1:], weights[1:]):
+        expected = expected + with_weight(layer, term_weight, None, term_input)
+    torch.testing.assert_close(rules.layer_forward(layer, inputs, weights, bias), expected)
+
+    grad_output = torch.randn(4, *expected.shape, dtype=torch.float64)
+    actual = rules.layer_backward(layer, input, weights, grad_output)
+    for term_weight, term in zip(weights, actual):
+        assert term.shape == (4, *input.shape)
+        for setting in range(4):
+            probe = input.clone().requires_grad_()
+            gradient, = torch.autograd.grad(with_weight(layer, term_weight, bias, probe), probe, grad_output[setting])
+            torch.testing.assert_close(term[setting], gradient)
+
+
+@pytest.mark.parametrize('kind', ['conv', 'linear', 'transposed1d', 'conv3d-grouped'])
+def test_gamma_denominators_for_many_gammas_equal_the_one_gamma_form(kind):
+    """``z + γ·P`` with the γ-independent part of :func:`gamma_shared_part` (the sweep engine's form, for many γ)
+    equals the denominator from the modified parameters (the hooks' form, Zennit's), on both output signs, for signed
+    inputs and zero bias."""
+    layer, input = layer_and_input(kind, torch.float64, signed=True)
+    output = layer(input).detach()
+    parts = (input.clamp(min=0), input.clamp(max=0))
+    for zero_params in (None, 'bias'):
+        weight, bias = rules.rule_parameters(layer, zero_params)
+        rule_z, shared = rules.gamma_shared_part(layer, input, parts, output, weight, bias)
+        for gamma in (0., .25, 3.):
+            for sign in (1, -1):
+                same_weight, same_bias = rules.gamma_parameters(weight, bias, gamma, sign)
+                other_weight, _ = rules.gamma_parameters(weight, None, gamma, -sign)
+                one_gamma, _ = rules.gamma_denominator(
+                    layer, parts, (same_weight, other_weight), same_bias, output, 1e-6, sign
+                )
+                many_gammas, _ = rules.gamma_masked_denominator(rule_z + gamma * shared, output, 1e-6, sign)
+                kept = (sign * output > 0)
+                assert kept.any() and torch.isinf(one_gamma[~kept]).all() and torch.isinf(many_gammas[~kept]).all()
+                torch.testing.assert_close(many_gammas[kept], one_gamma[kept], rtol=1e-10, atol=1e-12)
 
 
 def test_linear_over_extra_dimensions_equals_zennit():
@@ -265,10 +350,10 @@ def test_copy_has_the_same_settings_and_no_shared_state(rule):
     assert copy.stored_tensors is not rule.stored_tensors
 
 
-@pytest.mark.parametrize('module', [nn.Conv1d(2, 2, 3), nn.BatchNorm2d(2), nn.ReLU(),
+@pytest.mark.parametrize('module', [nn.Bilinear(2, 2, 2), nn.BatchNorm2d(2), nn.ReLU(),
                                     nn.Conv2d(2, 2, 3, padding=1, padding_mode='reflect'),
-                                    nn.Conv2d(2, 2, 2, padding='same')],
-                         ids=['conv1d', 'batchnorm', 'relu', 'reflect-padding', 'same-even-kernel'])
+                                    nn.Conv3d(2, 2, 2, padding='same')],
+                         ids=['bilinear', 'batchnorm', 'relu', 'reflect-padding', 'same-even-kernel'])
 def test_unsupported_modules_are_refused(module):
     with pytest.raises(rules.RuleError, match=type(module).__name__):
         rules.Gamma().register(module)
@@ -282,3 +367,18 @@ def test_stabilize_matches_zennit():
     assert torch.equal(values, torch.tensor([-2., -1e-9, 0., 1e-9, 3.], dtype=torch.float64))
     std = rules.StdStabilizer(0.5)
     torch.testing.assert_close(rules.stabilize(values, std), std(values), rtol=0., atol=0.)
+
+
+def test_stabilize_with_negative_and_per_setting_epsilon():
+    """``z + sign(z)·ε`` with ``sign(0) = +1`` for a negative ε (the seed study's grid), and one row per setting for a
+    tensor of ε's, also scaled by each sample's population standard deviation."""
+    values = torch.tensor([[-2., 0., 3.], [1., 1., 4.]], dtype=torch.float64)
+    torch.testing.assert_close(rules.stabilize(values, -.5),
+                               torch.tensor([[-1.5, -.5, 2.5], [.5, .5, 3.5]], dtype=torch.float64))
+    epsilons = rules.per_setting(torch.tensor([.5, -.5], dtype=torch.float64), values.ndim)
+    torch.testing.assert_close(rules.stabilize(values, epsilons), torch.stack([values + torch.where(
+        values >= 0, epsilon, -epsilon) for epsilon in (.5, -.5)]))
+    # population standard deviations: √(38/9) of (-2, 0, 3) (mean 1/3), √2 of (1, 1, 4) (mean 2)
+    std = torch.tensor([[(38 / 9) ** .5], [2 ** .5]], dtype=torch.float64)
+    torch.testing.assert_close(rules.stabilize(values, rules.StdStabilizer(epsilons)), torch.stack([
+        values + torch.where(values >= 0, epsilon * std, -epsilon * std) for epsilon in (.5, -.5)]))

@@ -10,7 +10,7 @@ import torch
 
 from lrp_brain.evaluate import evaluate
 from lrp_brain.sources import open_source
-from lrp_brain.sweep import SEED_STUDY, SweepError, run_sweep
+from lrp_brain.sweep import SEED_STUDY, SweepError, pareto_choice, pareto_front, run_sweep
 
 from command_setup import read_csv, write_setup
 
@@ -57,6 +57,8 @@ def test_sweep_equals_single_evaluations(setup, result, epsilon, gamma):
         _, summary = evaluate(source, part, epsilon=epsilon, gamma=gamma, progress=False, batch_size=4)
         assert row[f'{part}_iou'] == pytest.approx(summary['iou']['overall']['mean'], rel=1e-5)
         assert row[f'{part}_n'] == summary['iou']['overall']['n']
+        assert row[f'{part}_faithfulness_gap'] == pytest.approx(summary['faithfulness_gap']['overall']['mean'],
+                                                                rel=1e-4)
 
 
 def test_killed_sweep_resumes_to_the_same_table(setup, result):
@@ -128,3 +130,55 @@ def test_nan_relevance_stops_the_sweep_naming_image_and_setting(setup, tmp_path)
                                          r'gives 0 / 0'):
         run_sweep(source, [0.25], [0.1], progress=False, composite_kwargs={'std_epsilon': True})
     run_sweep(source, [0.25], [0.1], progress=False)  # plain ε: finite (all zero), no error
+
+
+# --- objectives: faithfulness and the Pareto choice ----------------------------------------------------------------
+
+def test_pareto_front_and_choice_by_hand():
+    rows = [dict(zip(('name', 'iou', 'gap'), values)) for values in [
+        ('a', 0.10, 0.50),   # front: best IoU
+        ('b', 0.08, 0.90),   # front
+        ('c', 0.05, 1.00),   # front: best gap
+        ('d', 0.07, 0.80),   # dominated by b
+        ('e', 0.10, 0.40),   # dominated by a (equal IoU, lower gap)
+        ('f', float('nan'), 2.0),  # undefined IoU: left out
+    ]]
+    assert [row['name'] for row in pareto_front(rows, ['iou', 'gap'])] == ['a', 'b', 'c']
+    # scaled over the finite rows (IoU 0.05 .. 0.10, gap 0.40 .. 1.00): a → min(1, 1/6), b → min(0.6, 5/6) = 0.6,
+    # c → min(0, 1) = 0: b's worse criterion is best
+    best, front = pareto_choice(rows, ['iou', 'gap'])
+    assert best['name'] == 'b' and len(front) == 3
+
+
+def test_faithfulness_objective_ignores_the_masks(setup):
+    """Scored by faithfulness alone (masks ignored), the choice is the setting with the largest mean validation gap,
+    and no localisation column exists."""
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    chosen = run_sweep(source, (0., 1.), (0., 1.), out=str(folder / 'faithful'), progress=False, batch_size=4,
+                       objective='faithfulness', criteria='faithfulness', perturbation={'steps': 4})
+    assert all('val_iou' not in row and 'val_faithfulness_gap' in row for row in chosen.table)
+    best = max(chosen.table, key=lambda row: row['val_faithfulness_gap'])
+    assert (chosen.best['epsilon'], chosen.best['gamma']) == (best['epsilon'], best['gamma'])
+    choice = json.loads((folder / 'faithful' / 'choice.json').read_text())
+    assert choice['objective'] == 'faithfulness' and set(choice['test']) == {'morf_auc', 'lerf_auc',
+                                                                             'faithfulness_gap'}
+    assert choice['test']['faithfulness_gap']['overall']['mean'] == pytest.approx(best['test_faithfulness_gap'])
+    with pytest.raises(SweepError, match='objective iou needs localisation scored, but metrics are faithfulness'):
+        run_sweep(source, (0.,), (0.,), progress=False, objective='iou', criteria='faithfulness')
+    with pytest.raises(SweepError, match="objective must be one of iou, faithfulness, pareto, got 'auc'"):
+        run_sweep(source, (0.,), (0.,), progress=False, objective='auc')
+
+
+def test_pareto_objective_chooses_on_the_front(setup, result):
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    chosen = run_sweep(source, EPSILONS, GAMMAS, out=str(folder / 'pareto'), progress=False, batch_size=4,
+                       objective='pareto')
+    assert [row['val_faithfulness_gap'] for row in chosen.table] == \
+        [row['val_faithfulness_gap'] for row in result.table]  # the same scores as the IoU sweep's
+    best, front = pareto_choice(chosen.table, ['val_iou', 'val_faithfulness_gap'])
+    assert (chosen.best['epsilon'], chosen.best['gamma']) == (best['epsilon'], best['gamma'])
+    choice = json.loads((folder / 'pareto' / 'choice.json').read_text())
+    assert choice['objective'] == 'pareto' and len(choice['pareto_front']) == len(front)
+    assert {'iou', 'faithfulness_gap'} <= set(choice['validation']) and 'faithfulness_gap' in choice['test']

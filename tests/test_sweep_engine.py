@@ -7,7 +7,8 @@ from torchvision.models.vgg import VGG, make_layers
 from zennit.attribution import Gradient
 
 from lrp_brain.composites import VGGComposite, zbox_bounds
-from lrp_brain.sweep import SweepEngine, SweepError
+from lrp_brain.sweep_engine import SweepEngine, SweepError
+from reference_lrp import reference_lrp
 
 pytestmark = pytest.mark.zennit_both
 
@@ -105,6 +106,48 @@ def test_per_channel_bounds_match_single_explanations():
         small_vgg(seed=4, dtype=dtype), images, TARGETS, [.25], [0., .25], TOLERANCE[dtype],
         low=low.to(dtype), high=high.to(dtype),
     )
+
+
+def test_bounds_of_each_image_by_default_match_the_reference():
+    """Without bounds the engine takes each image's per-channel minimum and maximum, as the reference LRP does when it
+    is given them explicitly; bounds 0 and 1 give another relevance."""
+    dtype = torch.float64
+    model = small_vgg(seed=16, dtype=dtype)
+    images = random_images(dtype, seed=17) * torch.tensor([1., 2., 3.], dtype=dtype).reshape(1, 3, 1, 1) - .5
+    low, high = images.amin(dim=(2, 3), keepdim=True), images.amax(dim=(2, 3), keepdim=True)
+    grid = SweepEngine(model, [.25], [0., .25]).relevance(images, TARGETS)
+    fixed = SweepEngine(model, [.25], [.25], -.5, 2.5).relevance(images, TARGETS)
+    for gamma_index, gamma in enumerate([0., .25]):
+        _, expected = reference_lrp(model, images, TARGETS, epsilon=.25, gamma=gamma, low=low, high=high)
+        assert_close_per_image(grid[0, gamma_index], expected, TOLERANCE[dtype])
+    assert (fixed[0, 0] - grid[0, 1]).abs().max() > 1e-3 * grid[0, 1].abs().max()
+
+
+def test_input_outside_given_bounds_is_refused_unless_unchecked():
+    dtype = torch.float64
+    transform = dict(value_range=(0., 1.), mean=[.485, .456, .406], std=[.229, .224, .225])
+    mean, std = torch.tensor(transform['mean']).reshape(1, 3, 1, 1), torch.tensor(transform['std']).reshape(1, 3, 1, 1)
+    images = ((random_images(dtype) - mean) / std).to(dtype)
+    model = small_vgg(seed=18, dtype=dtype)
+    with pytest.raises(SweepError, match=r'features\.0 lies in .*outside the z\^B bounds low=0, high=1'):
+        SweepEngine(model, [.25], [.25], 0., 1.).relevance(images, TARGETS)
+    low, high = zbox_bounds(transform)
+    SweepEngine(model, [.25], [.25], low.to(dtype), high.to(dtype)).relevance(images, TARGETS)
+    unchecked = SweepEngine(model, [.25], [.25], 0., 1., check_bounds=False).relevance(images, TARGETS)
+    expected = zennit_relevance(model, images, TARGETS, .25, .25, low=0., high=1., check_bounds=False)
+    assert_close_per_image(unchecked[0, 0], expected, TOLERANCE[dtype])
+
+
+def test_grouped_first_convolution_and_same_padding_match_single_explanations():
+    dtype = torch.float64
+    model = small_vgg(seed=19, dtype=dtype)
+    model.features[0] = nn.Conv2d(3, 6, 3, padding='same', groups=3)
+    model.features[2] = nn.Conv2d(6, 4, 3, padding='same')
+    model.features[5] = nn.Conv2d(4, 6, 5, padding='same', groups=2)
+    for index in (0, 2, 5):
+        nn.init.normal_(model.features[index].bias, 0., .05)
+    model = model.to(dtype).eval()
+    assert_grid_matches(model, random_images(dtype, seed=20), TARGETS, [.25], [0., .25], TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize('dtype, tolerance', [(torch.float64, 1e-10), (torch.float32, 1e-2)])
