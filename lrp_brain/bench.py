@@ -18,6 +18,10 @@ evaluation mode) for one target per image, with a one-hot output relevance:
 
 The methods are warmed up first, then timed round-robin, one call of each per round, so that drift of a shared
 machine touches all of them alike; the table gives the median and the fastest call.
+
+:func:`study_cost` turns the last two rows into the cost of a whole study on the measured device: every (image,
+setting) of an 11×11 grid on a validation and a test split, scored by relevance and faithfulness, in full and as a
+race (``lrp-brain sweep --race``, from the drop-out curve :data:`RACE_SURVIVAL` measured on the demo).
 """
 import contextlib
 import os
@@ -55,6 +59,77 @@ MEMORY_NOTE_CUDA = (
     'peak memory: torch.cuda.max_memory_allocated during one call minus the memory allocated before it (model '
     'weights and the input are not counted).'
 )
+
+
+#: A race's drop-out curve: ``(validation images seen, fraction of the settings still in the race)`` after each
+#: round, measured by ``lrp-brain sweep --race`` on the demo defaults (demo model, 300 phantoms: 50 validation
+#: images in 7 rounds of 8, the 5×5 grid, objective iou, confidence 0.95) on 2026-12-01; see the README.
+RACE_SURVIVAL = ((8, 1.), (16, 0.44), (24, 0.40), (32, 0.20), (40, 0.20), (48, 0.20), (50, 0.20))
+
+#: The study :func:`study_cost` prices by default: the seed's 11×11 grid on a Figshare-sized split.
+STUDY_GRID, STUDY_IMAGES = 121, 460
+
+
+@dataclass(frozen=True)
+class StudyCost:
+    """What a whole sweep would cost on the benchmark's device (see :func:`study_cost`).
+
+    Attributes
+    ----------
+    relevance_seconds, faithfulness_seconds: float
+        Measured seconds per (image, setting): the sweep engine's relevance and MoRF+LeRF region perturbation.
+    settings, images, test_images: int
+        The grid size and the validation and test split sizes priced.
+    full_hours, race_hours: float
+        The full sweep (every setting on both splits) and the race (the settings in the race on validation, round
+        by round along :data:`RACE_SURVIVAL`, and the chosen setting alone on test).
+    race_fraction: float
+        ``race_hours / full_hours``.
+    """
+    relevance_seconds: float
+    faithfulness_seconds: float
+    settings: int
+    images: int
+    test_images: int
+    full_hours: float
+    race_hours: float
+    race_fraction: float
+
+
+def study_cost(result, settings=STUDY_GRID, images=STUDY_IMAGES, test_images=None, survival=RACE_SURVIVAL):
+    """Price a whole sweep from a :class:`BenchResult`'s ``lrp_brain sweep`` and ``faithfulness MoRF+LeRF`` rows.
+
+    One (image, setting) costs ``c = r + f``, its relevance and its faithfulness (each row's seconds over the batch).
+    The full sweep costs ``(images + test_images) · settings · c``. The race costs ``settings · c · Σ_k (n_k −
+    n_{k−1}) · a_{k−1}`` on validation, for the rounds ``(n_k, a_k)`` of ``survival`` (``a_0 = 1``; the images beyond
+    its last round at its last fraction), plus ``test_images · c`` for the chosen setting on test. The curve was
+    measured by images seen, not by share of the split: on a larger split the race has more rounds (a stricter
+    correction) but every round's bound is at least as tight, so this is an estimate, not a bound.
+    """
+    test_images = images if test_images is None else test_images
+    rows = {row.method: row for row in result.rows}
+    batch = result.settings['batch']
+    relevance, perturbation = (rows[name].seconds / batch for name in ('lrp_brain sweep', 'faithfulness MoRF+LeRF'))
+    each = relevance + perturbation
+    seen, alive, raced = 0, 1., 0.
+    for count, fraction in survival:
+        count = min(count, images)
+        raced, seen, alive = raced + (count - seen) * alive, count, fraction
+    raced += (images - seen) * alive
+    full = (images + test_images) * settings * each
+    race = raced * settings * each + test_images * each
+    return StudyCost(relevance, perturbation, settings, images, test_images, full / 3600, race / 3600, race / full)
+
+
+def format_study_cost(cost, device):
+    """The lines ``lrp-brain bench`` prints for a :class:`StudyCost` on ``device`` (in words)."""
+    return '\n'.join([
+        f'study estimate on {device}: {cost.settings} settings x ({cost.images} validation + {cost.test_images} test '
+        f'images), {cost.relevance_seconds * 1e3:.2f} ms relevance + {cost.faithfulness_seconds * 1e3:.2f} ms '
+        f'faithfulness per (image, setting)',
+        f'  full sweep: {cost.full_hours:.2f} h; raced (demo drop-out curve, chosen setting alone on test): '
+        f'{cost.race_hours:.2f} h ({100 * cost.race_fraction:.0f} %)',
+    ])
 
 
 class BenchError(ValueError):
@@ -379,8 +454,9 @@ def _run(device, batch, size, repeats, arch, width, seed, warmup, memory, quiet)
     return BenchResult(tuple(rows), device_name(device), settings, _versions(), tuple(notes))
 
 
-def format_bench(result):
-    """Format a :class:`BenchResult` as the text table ``lrp-brain bench`` prints."""
+def format_bench(result, study_images=STUDY_IMAGES):
+    """Format a :class:`BenchResult` as the text table ``lrp-brain bench`` prints, ending with the estimated cost of
+    a study with ``study_images`` validation and test images (:func:`study_cost`)."""
     settings = result.settings
     model = settings['arch'] + ('' if settings['width'] is None else f' (width {settings["width"]})')
     lines = [
@@ -399,4 +475,5 @@ def format_bench(result):
     lines.append('')
     lines.extend(result.notes)
     lines.append('versions: ' + ', '.join(f'{name} {version}' for name, version in result.versions.items()))
+    lines.append(format_study_cost(study_cost(result, images=study_images), result.device))
     return '\n'.join(lines)

@@ -145,7 +145,8 @@ def explain_command(inputs, checkpoint, data, indices, epsilon, gamma, target, m
     the input's file name, or, for several inputs, its path below their common folder with / written %2F (a/x.png
     and b/x.png: a%2Fx.png and b%2Fx.png), so no output overwrites another; a file given twice is refused. With no
     INPUT and no --data it explains one phantom slice per class (generated in the cache folder on first use), by
-    default with the demo model and --target all."""
+    default with the demo model and --target all. --target all also prints the class sensitivity (the mean Spearman
+    correlation between the classes' maps); with --contrast sglrp or clrp every map is class-contrastive."""
     from lrp_brain.explain_files import explain_inputs, gather_inputs
     from lrp_brain.sources import open_model
     from lrp_brain.model import resolve_device
@@ -249,7 +250,7 @@ def _grid(text, name):
 @click.option('--race', is_flag=True,
               help='Race the settings on validation: after each round of batches, settings another one beats with '
                    'confidence (paired t, Bonferroni over rounds and rivals) leave and are no longer computed; test '
-                   'is scored for those that stayed.')
+                   'is scored for the chosen setting only.')
 @click.option('--confidence', type=float, default=0.95, show_default=True,
               help='With --race: the chance that a setting as good as every other ever leaves is at most 1 - this.')
 @click.option('--round-batches', type=click.IntRange(min=1), default=1, show_default=True,
@@ -257,8 +258,9 @@ def _grid(text, name):
 @perturbation_options
 @contrast_option
 @click.option('--out', type=click.Path(file_okay=False), default='sweep', show_default=True)
-def sweep_command(contrast, race, confidence, round_batches, checkpoint, data, split_file, split_method, split_seed, device, batch_size, quiet, epsilons,
-                  gammas, quantiles, seed_study, objective, criteria, patch_size, steps, baseline, score, out):
+def sweep_command(contrast, checkpoint, data, split_file, split_method, split_seed, device, batch_size, quiet,
+                  epsilons, gammas, quantiles, seed_study, objective, criteria, patch_size, steps, baseline, score, out,
+                  race, confidence, round_batches):
     """Score every ε×γ (×quantile) setting on the validation split by mean IoU and by faithfulness (the gap between
     the LeRF and the MoRF AUC of region perturbation), choose one there by --objective and report it (and the whole
     grid) on the test split. Writes sweep.csv, heatmap.png (each criterion side by side) and choice.json; an
@@ -291,7 +293,7 @@ def sweep_command(contrast, race, confidence, round_batches, checkpoint, data, s
         for part, summaries in (('validation', choice['validation']), ('test', choice['test'])):
             for name in ('iou', 'faithfulness_gap'):
                 if name in summaries:
-                    _echo(f'  {part:<10}' + _summary_line(name, summaries[name]['overall']).lstrip())
+                    _echo(f'  {part:<10} ' + _summary_line(name, summaries[name]['overall']).lstrip())
         if 'pareto_front' in choice:
             _echo(f'  Pareto front: {len(choice["pareto_front"])} settings (listed in choice.json)')
         if 'race' in choice:
@@ -551,10 +553,14 @@ def data_command(context, source, split_file, method, seed, skip_bad, quiet):
 @click.option('--threads', type=click.IntRange(min=1), help='CPU threads of torch. Default: torch\'s own setting.')
 @click.option('--no-memory', is_flag=True, help='Skip the peak-memory measurement (one extra call per method).')
 @click.option('--quiet', is_flag=True, help='No progress bar.')
-def bench_command(device, batch, size, repeats, warmup, arch, width, seed, threads, no_memory, quiet):
+@click.option('--study-images', type=click.IntRange(min=1), default=460, show_default=True,
+              help='Images per validation and test split of the study whose cost is estimated (11x11 grid, '
+                   'relevance and faithfulness, full and raced).')
+def bench_command(device, batch, size, repeats, warmup, arch, width, seed, threads, no_memory, quiet, study_images):
     """Time LRP on one VGG with random weights and one batch, method against method: the plain gradient, Zennit's
     EpsilonGammaBox, Zennit's rules in the seed mapping, Captum's LRP (if installed), the project composite and
-    one ε×γ sweep step per setting. Prints medians, ratios to the gradient, images/s and peak memory."""
+    one ε×γ sweep step per setting. Prints medians, ratios to the gradient, images/s and peak memory, and the
+    estimated hours of a whole 11×11 study (relevance and faithfulness, full and raced) on the device."""
     from lrp_brain.bench import format_bench, run_bench
 
     try:
@@ -562,4 +568,4 @@ def bench_command(device, batch, size, repeats, warmup, arch, width, seed, threa
                            warmup=warmup, memory=not no_memory, threads=threads, quiet=quiet)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
-    click.echo(format_bench(result))
+    click.echo(format_bench(result, study_images))

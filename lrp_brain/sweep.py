@@ -297,9 +297,11 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
     race: bool
         Race the settings on the validation split (:mod:`lrp_brain.race`): after every ``round_batches`` batches of
         ``batch_size`` images, the settings another remaining one beats with confidence on the objective's
-        criterion (``pareto``: on both) leave and are no longer computed; the test split is scored for the settings
-        that stayed only (the others' test columns are empty). The table gains ``val_images``, ``test_images``,
-        ``left_round`` and ``beaten_by``; ``choice.json`` records the race.
+        criterion (``pareto``: on both) leave and are no longer computed; the choice is made among the settings that
+        stayed, and the test split is scored for it alone (the others' test columns are empty: nobody can pick by
+        them, and they would cost what the race saved). The table gains ``val_images``, ``test_images`` (the images
+        that scored each setting), ``left_round`` and ``beaten_by`` (empty for the settings that stayed);
+        ``choice.json`` records the race.
     confidence: float
         In (0, 1): the chance that a setting as good as every other ever leaves is at most ``1 - confidence``.
     round_batches: int
@@ -355,6 +357,49 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
             'input_size': source.transform.size, 'target': 'label', 'criteria': list(criteria),
             'perturbation': perturbation, 'contrast': contrast}
     identity = {'grid': grid, 'model': source.model_id, 'batch_size': batch_size}
+
+    def build_table():
+        """One row per setting: its means (and criteria intervals) per split scored so far; a race adds how many
+        images scored each setting per split, the round it left and the rival that beat it."""
+        table = []
+        for epsilon in engine.epsilons:
+            for gamma in engine.gammas:
+                for quantile in quantiles:
+                    key = _setting_key(epsilon, gamma, quantile)
+                    row = {'epsilon': epsilon, 'gamma': gamma, 'quantile': quantile}
+                    for part in (SELECT_ON, REPORT_ON):
+                        for name in columns:  # a setting a race left out of a split gets empty columns there
+                            scored = summaries.get(part, {})
+                            overall = scored[key][name]['overall'] if key in scored else \
+                                dict.fromkeys(('mean', 'ci_low', 'ci_high', 'n', 'excluded'))
+                            row[f'{part}_{name}'] = overall['mean']
+                            if name in CRITERION_COLUMNS:  # the criteria get their intervals and counts (the IoU's
+                                counted = part if name == 'iou' else f'{part}_{name}'  # under their first names)
+                                row.update({f'{part}_{name}_ci_low': overall['ci_low'],
+                                            f'{part}_{name}_ci_high': overall['ci_high'],
+                                            f'{counted}_n': overall['n'], f'{counted}_excluded': overall['excluded']})
+                    if racing is not None:
+                        row.update({f'{part}_images': images.get(part, Counter())[key] for part in (SELECT_ON,
+                                                                                                     REPORT_ON)})
+                        row.update(left_round=racing.left_round.get(key), beaten_by=racing.beaten_by.get(key))
+                    table.append(row)
+        return table
+
+    def best_by(table, part, name, rows=None):
+        column = f'{part}_{name}'
+        finite = [row for row in (table if rows is None else rows)
+                  if row[column] is not None and row[column] == row[column]]
+        if not finite:
+            raise SweepError(f'no setting has a defined mean {name} on the {part} split (every image excluded)')
+        return max(finite, key=lambda row: row[column])  # the first of equal rows, in grid order
+
+    def choose(table):
+        """The objective's choice on validation, among the settings that stayed in a race; and the Pareto front."""
+        stayed = table if racing is None else [row for row in table if row['left_round'] is None]
+        if objective == 'pareto':
+            return pareto_choice(table, [f'{SELECT_ON}_{name}' for name in CRITERION_COLUMNS], stayed)
+        return best_by(table, SELECT_ON, OBJECTIVES[objective], stayed), None
+
     racing = None
     if race:
         batches = -(-len(source.split.val) // batch_size)
@@ -365,7 +410,10 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
     with nullcontext() if out is None else distributed.held_by_main(
             lambda: exclusive(os.path.join(out, '.lock'), f'the output folder {out}')):
         for part in (SELECT_ON, REPORT_ON):
-            scored = None if racing is None or part == SELECT_ON else racing.active  # test: who stayed
+            scored = None
+            if racing is not None and part == REPORT_ON:  # a race reports its choice alone on test
+                chosen = choose(build_table())[0]
+                scored = [_setting_key(chosen['epsilon'], chosen['gamma'], chosen['quantile'])]
             rows = _score_part(source, part, engine, quantiles, batch_size=batch_size, device=device, out=out,
                                identity={**identity, 'data': source.data_id(part),
                                          **({} if scored is None else {'settings': scored})}, progress=progress,
@@ -374,42 +422,8 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
                                settings=scored)
             summaries[part] = _summaries(rows, settings, source.class_names, columns)
             images[part] = Counter(key for row in rows for key in row['scores'])  # images scored, per setting
-
-    table = []
-    for epsilon in engine.epsilons:
-        for gamma in engine.gammas:
-            for quantile in quantiles:
-                key = _setting_key(epsilon, gamma, quantile)
-                row = {'epsilon': epsilon, 'gamma': gamma, 'quantile': quantile}
-                for part in (SELECT_ON, REPORT_ON):
-                    for name in columns:  # a setting a race left out of a split gets empty columns there
-                        overall = summaries[part][key][name]['overall'] if key in summaries[part] else \
-                            dict.fromkeys(('mean', 'ci_low', 'ci_high', 'n', 'excluded'))
-                        row[f'{part}_{name}'] = overall['mean']
-                        if name in CRITERION_COLUMNS:  # the criteria get their intervals and counts (the IoU's
-                            counted = part if name == 'iou' else f'{part}_{name}'  # under their first names)
-                            row.update({f'{part}_{name}_ci_low': overall['ci_low'],
-                                        f'{part}_{name}_ci_high': overall['ci_high'],
-                                        f'{counted}_n': overall['n'], f'{counted}_excluded': overall['excluded']})
-                if racing is not None:
-                    row.update({f'{part}_images': images[part][key] for part in (SELECT_ON, REPORT_ON)})
-                    row.update(left_round=racing.left_round.get(key), beaten_by=racing.beaten_by.get(key))
-                table.append(row)
-
-    stayed = table if racing is None else [row for row in table if row['left_round'] is None]
-
-    def best_by(part, name, rows=table):
-        column = f'{part}_{name}'
-        finite = [row for row in rows if row[column] is not None and row[column] == row[column]]
-        if not finite:
-            raise SweepError(f'no setting has a defined mean {name} on the {part} split (every image excluded)')
-        return max(finite, key=lambda row: row[column])  # the first of equal rows, in grid order
-
-    front = None
-    if objective == 'pareto':
-        best, front = pareto_choice(table, [f'{SELECT_ON}_{name}' for name in CRITERION_COLUMNS], stayed)
-    else:
-        best = best_by(SELECT_ON, OBJECTIVES[objective], stayed)
+    table = build_table()
+    best, front = choose(table)
     best_key = _setting_key(best['epsilon'], best['gamma'], best['quantile'])
     criterion_columns = [name for name in CRITERION_COLUMNS if name in columns]
     choice = {
@@ -436,7 +450,7 @@ def run_sweep(source, epsilons, gammas, quantiles=(0.9,), *, out=None, batch_siz
     if racing is not None:
         choice['race'] = _race_record(racing, images, len(settings), round_batches, batch_size)
     if notes:
-        study = best_by(REPORT_ON, 'iou')
+        study = best_by(table, REPORT_ON, 'iou')
         choice['notes'] = notes
         choice['study_choice'] = {'epsilon': study['epsilon'], 'gamma': study['gamma'],
                                   'quantile': study['quantile'], 'test_iou': study[f'{REPORT_ON}_iou'],
@@ -462,7 +476,7 @@ def _race_record(race, images, settings, round_batches, batch_size):
         'batch_size': batch_size,
         'history': race.history,
         'stayed': len(race.active),
-        'test_scored_for': 'the settings that stayed to the end of the race',
+        'test_scored_for': 'the chosen setting only (the others\' test columns are empty)',
         'evaluations': {**done, 'total': sum(done.values())},
         'full_grid_evaluations': {**full, 'total': sum(full.values())},
         'fraction_of_full_grid': sum(done.values()) / max(sum(full.values()), 1),

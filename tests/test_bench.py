@@ -10,7 +10,7 @@ from lrp_brain.cli import main
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
 
 METHODS = ['gradient', 'zennit EpsilonGammaBox', 'zennit rules, seed mapping', 'captum LRP', 'lrp_brain VGGComposite',
-           'lrp_brain sweep']
+           'lrp_brain sweep', 'faithfulness MoRF+LeRF']
 
 
 def expected_methods():

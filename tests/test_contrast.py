@@ -1,22 +1,36 @@
 """Class-contrastive output relevance (SGLRP, CLRP): the vectors by hand, the maps against the float64 reference LRP
 started from the same vector, the sweep engine against the composite, a network whose classes use disjoint regions,
 two classes and one, and saturated predictions."""
+import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from click.testing import CliRunner
+from scipy.stats import spearmanr
 from torch import nn
 from torchvision.models.vgg import VGG
 from zennit.attribution import Gradient
 from zennit.composites import EpsilonGammaBox
 
+from lrp_brain.cli import main
 from lrp_brain.contrast import (ContrastError, attr_output, check_contrast, contrastive, input_relevance, one_hot,
                                 output_relevance, smallest_factor, softmax_gradient)
-from lrp_brain.explain import explain
+from lrp_brain.data import Transform, find_slices, read_slice
+from lrp_brain.evaluate import evaluate
+from lrp_brain.explain import explain, explain_all_classes
+from lrp_brain.faithfulness import DEFAULTS, morf_lerf
+from lrp_brain.model import default_meta, load_checkpoint, save_checkpoint, vgg16_small
+from lrp_brain.phantom import write_phantoms
 from lrp_brain.sanity import class_sensitivity
+from lrp_brain.sources import open_source
+from lrp_brain.sweep import run_sweep
 from lrp_brain.sweep_engine import SweepEngine, SweepError
+
+from command_setup import write_setup
 from reference_lrp import randomize_biases_and_statistics, random_vgg, reference_lrp
 
 pytestmark = [pytest.mark.zennit_both, pytest.mark.usefixtures('single_threaded')]
@@ -289,3 +303,103 @@ def test_contrastive_maps_separate_the_classes_the_plain_maps_do_not():
     sensitivity = {contrast: class_sensitivity(model, image, low=0., high=1., contrast=contrast).mean['spearman']
                    for contrast in (None, 'sglrp')}
     assert sensitivity[None].item() > .9 and sensitivity['sglrp'].item() == pytest.approx(-1.)
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def cli_setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('contrast_cli')
+    write_phantoms(folder / 'phantoms', 4, seed=4, sizes=(64,), quiet=True)
+    torch.manual_seed(0)
+    meta = {**default_meta('vgg16', 4), 'transform': Transform(size=32).to_dict(), 'input_size': 32}
+    save_checkpoint(folder / 'model.pt', vgg16_small(width=4), meta)
+    return folder
+
+
+def explain_command(*arguments):
+    return CliRunner().invoke(main, ['explain', '--quiet', '--device', 'cpu', *map(str, arguments)])
+
+
+@pytest.mark.parametrize('contrast', ['none', 'sglrp', 'clrp'])
+def test_explain_target_all_with_contrast_draws_and_measures_the_contrastive_maps(cli_setup, contrast):
+    path = find_slices(cli_setup / 'phantoms')[0]
+    out = cli_setup / f'out_{contrast}'
+    result = explain_command(path, '--checkpoint', cli_setup / 'model.pt', '--out', out, '--target', 'all',
+                             '--contrast', contrast)
+    assert result.exit_code == 0, result.output
+    item = read_slice(path)
+    image, _ = Transform(size=32)(item.image, item.mask)
+    model, _ = load_checkpoint(cli_setup / 'model.pt')
+    expected = explain_all_classes(model, image, low=0., high=1., contrast=None if contrast == 'none' else contrast)
+    every = np.load(out / '1.mat.classes.npy')
+    np.testing.assert_allclose(every, expected.relevance.numpy(), rtol=1e-5, atol=1e-7)
+    assert (out / '1.mat.classes.png').stat().st_size > 0
+    maps = every.sum(axis=1).reshape(len(every), -1)
+    pairs = [(i, j) for i in range(len(maps)) for j in range(i + 1, len(maps))]
+    sensitivity = np.mean([spearmanr(maps[i], maps[j])[0] for i, j in pairs])
+    printed = re.search(r'class sensitivity \(.*\): (-?\d\.\d+)', result.output)
+    assert printed and float(printed.group(1)) == pytest.approx(sensitivity, abs=1e-3)
+    assert len(re.findall(r'\d\.\d+', result.output.split("IoU of each class's map:")[1].splitlines()[0])) == 3
+    assert (f'{contrast.upper()})' in result.output) == (contrast != 'none')
+
+
+def test_explain_refuses_clrp_on_the_gradient_in_one_line(cli_setup, tmp_path):
+    result = explain_command(find_slices(cli_setup / 'phantoms')[0], '--checkpoint', cli_setup / 'model.pt',
+                             '--out', tmp_path, '--method', 'gradient', '--contrast', 'clrp')
+    assert result.exit_code == 1 and 'Traceback' not in result.output
+    assert "method 'gradient' does not take contrast 'clrp'" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+# --- evaluate, sweep and sanity with a contrast ----------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def split_setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('contrast_runs')
+    data, checkpoint = write_setup(folder, he_init=True)
+    return folder, data, checkpoint
+
+
+def test_evaluate_and_sweep_score_the_contrastive_maps(split_setup):
+    """evaluate(contrast=...) scores the maps explain gives with that contrast, records it, and the sweep (its engine)
+    gives the same validation IoU for the same setting."""
+    folder, data, checkpoint = split_setup
+    source = open_source(checkpoint, data, quiet=True)
+    low, high = source.bounds
+    rows, summary = evaluate(source, 'val', progress=False, contrast='clrp', perturbation={'steps': 4})
+    assert summary['settings']['contrast'] == 'clrp'
+    item = source.dataset('val')[0]
+    relevance = explain(source.model, item['image'][None], labels=torch.tensor([item['label']]), low=low, high=high,
+                        contrast='clrp').relevance
+    curves = morf_lerf(source.model, item['image'][None], relevance, torch.tensor([item['label']]),
+                       **{**DEFAULTS, 'steps': 4})
+    assert rows[0]['faithfulness_gap'] == pytest.approx(float(curves.gap[0]), rel=1e-5, abs=1e-6)
+    assert relevance.min() >= 0
+    plain, _ = evaluate(source, 'val', progress=False, criteria='localisation')
+    assert [row['iou'] for row in rows] != [row['iou'] for row in plain]
+    result = run_sweep(source, [0.25], [0.1], progress=False, criteria='localisation', contrast='clrp')
+    assert result.table[0]['val_iou'] == pytest.approx(summary['iou']['overall']['mean'], rel=1e-4)
+    assert result.choice['grid']['contrast'] == 'clrp'
+    with pytest.raises(ContrastError, match="'gradient' does not take contrast 'clrp'"):
+        evaluate(source, 'val', method='gradient', contrast='clrp', out=str(folder / 'refused'))
+    assert not (folder / 'refused').exists()
+
+
+def test_sanity_command_with_contrast(split_setup):
+    folder, data, checkpoint = split_setup
+    out = folder / 'sanity_sglrp'
+    result = CliRunner().invoke(main, ['sanity', '--data', data, '--checkpoint', checkpoint, '--count', '3',
+                                       '--contrast', 'sglrp', '--quiet', '--device', 'cpu', '--out', str(out)])
+    assert result.exit_code == 0, result.output
+    assert 'lrp (SGLRP): after randomising' in result.output
+    report = json.loads((out / 'sanity.json').read_text())
+    assert report['settings']['contrast'] == 'sglrp'
+    assert report['randomisation']['settings']['contrast'] == {'lrp': 'sglrp', 'gradient': None}
+    source = open_source(checkpoint, data, quiet=True)
+    images = torch.stack([source.dataset('test')[index]['image'] for index in range(3)])
+    low, high = source.bounds
+    expected = class_sensitivity(source.model, images, low=low, high=high, contrast='sglrp').mean['spearman']
+    assert report['class_sensitivity']['lrp']['per_image']['spearman'] == pytest.approx(expected.tolist(), abs=1e-9)
+    assert report['class_sensitivity']['lrp']['settings']['contrast'] == 'sglrp'
+    assert report['class_sensitivity']['gradient']['settings']['contrast'] is None

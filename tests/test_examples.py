@@ -112,3 +112,28 @@ def test_small_sweep(model, tmp_path):
     assert (choice['best']['epsilon'], choice['best']['gamma']) == (float(best['epsilon']), float(best['gamma']))
     assert choice['selected_on'] == 'val'
     open_png(out / 'heatmap.png')
+
+
+def test_contrastive_zennit(model, tmp_path):
+    arguments, size = model
+    out, printed = run_example('contrastive_zennit.py', tmp_path, *arguments)
+    names = sorted(path.name for path in out.glob('*.png'))
+    assert [name.split('-')[0] for name in names] == ['glioma', 'meningioma', 'pituitary']
+    for name in names:
+        # 3 rows (plain, SGLRP, CLRP) × 3 classes of size × size maps (Zennit's imgify grid, 1 px apart at most)
+        width, height = open_png(out / name)
+        assert 3 * size <= width <= 3 * size + 4 and 3 * size <= height <= 3 * size + 4
+    correlations = {variant: [float(value) for value in re.findall(rf'{variant} maps, mean Spearman between classes '
+                                                                    rf'([-+]\d\.\d+)', printed)]
+                    for variant in ('plain', 'sglrp', 'clrp')}
+    assert all(len(values) == 3 for values in correlations.values())
+    assert all(-1 <= value <= 1 for values in correlations.values() for value in values)
+
+
+def test_contrast_figure(model, tmp_path):
+    arguments, _ = model
+    out, printed = run_example('contrast_figure.py', tmp_path, *arguments)
+    width, height = open_png(out / 'contrast.png')
+    assert width > 2.5 * height  # one row per phantom, 1 + 9 panels a row
+    for variant in ('plain', 'SGLRP', 'CLRP'):
+        assert re.search(rf'{variant}: class sensitivity per phantom( \S+ [-+]\d\.\d+,?){{3}}', printed), variant

@@ -70,15 +70,24 @@ def refusal(read, path):
 
 #: Run in a fresh process: for each ``[function, ref]`` of the JSON list argv[1], call lrp_brain.data's function on
 #: ref; print, for each, the refusal (or the number of values read), the seconds taken and how much the call raised
-#: the process's peak resident memory, in bytes.
+#: the process's peak resident memory above its resident memory before the call, in bytes. The peak is the kernel's
+#: VmHWM, reset before each call (writing 5 to /proc/self/clear_refs): getrusage's ru_maxrss cannot be reset and, as
+#: execve keeps it, starts at the size of the (large) pytest process that started this one.
 MEASURE = '''
-import json, resource, sys, time
+import json, sys, time
 from lrp_brain import data
+def status(field):
+    with open('/proc/self/status') as file:
+        return next(int(line.split()[1]) * 1024 for line in file if line.startswith(field + ':'))  # kB
+def reset_peak():
+    with open('/proc/self/clear_refs', 'w') as file:
+        file.write('5')
 def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return status('VmHWM')
 results = []
 for function, ref in json.loads(sys.argv[1]):
-    before, start = peak(), time.perf_counter()
+    reset_peak()
+    before, start = status('VmRSS'), time.perf_counter()
     try:
         result = getattr(data, function)(ref)
         outcome = f'read {getattr(result, "image", result).size} values'

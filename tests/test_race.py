@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrp_brain import sweep_engine
+from lrp_brain import faithfulness, sweep_engine
 from lrp_brain.race import RaceError, comparison_level, eliminate, lower_bounds
 from lrp_brain.sources import open_source
 from lrp_brain.sweep import SweepError, run_sweep
@@ -59,8 +59,9 @@ def test_pareto_leaves_only_when_dominated_on_both():
     noise = lambda: 0.05 * rng.normal(size=30)  # noqa: E731
     iou = np.stack([1 + noise(), 0 + noise(), 0 + noise(), 1 + noise()])
     gap = np.stack([0 + noise(), 1 + noise(), 0 + noise(), 1 + noise()])
-    # 0 and 1 trade off; 2 is dominated by 0 on IoU only and by 1 on the gap only, but by 3 on both
-    assert eliminate(np.stack([iou, gap]), [True] * 4, 0.95, 1) == {0: 3, 1: 3, 2: 3}
+    # 0 and 1 trade off; 2 is beaten by 0 on IoU only and by 1 on the gap only, but by 3 on both; 3 beats 0 and 1
+    # on one criterion each and ties them on the other: they stay
+    assert eliminate(np.stack([iou, gap]), [True] * 4, 0.95, 1) == {2: 3}
     assert eliminate(np.stack([iou, gap]), [True, True, True, False], 0.95, 1) == {}
 
 
@@ -132,8 +133,9 @@ def test_engine_subset_skips_the_work_of_other_settings(monkeypatch):
     wanted = [(3, 0), (1, 2), (3, 2), (0, 2)]  # ε 0.1 and 10 for γ 0 / 1, nothing of γ 0.25 or of ε 1
     yielded = list(engine.iter_relevance(images, targets, settings=wanted))
     assert [(e, g) for e, g, _ in yielded] == [(3, 0), (0, 2), (1, 2), (3, 2)]  # γ by γ, ε by ε
-    for eps_index, gamma_index, relevance in yielded:
-        assert torch.equal(relevance, full[eps_index, gamma_index])
+    for eps_index, gamma_index, relevance in yielded:  # other chunks batch the convolutions otherwise: rounding
+        expected = full[eps_index, gamma_index]
+        torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
     # above the boundary: the three ε's asked for, in chunks of 2; below: γ 0 (one ε) and γ 1 (three ε's, 2 + 1)
     assert propagated == [('above', 2), ('above', 1), ('below', 1), ('below', 2), ('below', 1)]
     with pytest.raises(SweepError, match=r'settings: \(4, 0\) is not an \(eps_index, gamma_index\) of the 4x3 grid'):
@@ -144,3 +146,168 @@ def test_engine_subset_skips_the_work_of_other_settings(monkeypatch):
 
 #: 11 values over five decades: an 11×11 grid whose settings differ enough for a race on a few dozen images.
 GRID = (0., 0.001, 0.01, 0.03, 0.1, 0.3, 1., 3., 10., 30., 100.)
+
+#: 240 phantoms give 48 validation and 38 test images; batches of 10 make 5 rounds.
+PHANTOMS, BATCH = 240, 10
+
+#: Short perturbation curves keep the faithfulness races affordable here.
+PERTURBATION = {'steps': 4}
+
+#: How the full sweep's table chooses under each objective (the Pareto choice is the full sweep's own).
+FULL_CHOICE = {
+    'iou': lambda full: max(full.table, key=lambda row: row['val_iou']),
+    'faithfulness': lambda full: max(full.table, key=lambda row: row['val_faithfulness_gap']),
+    'pareto': lambda full: full.best,
+}
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('race')
+    return (folder, *write_setup(folder, phantoms=PHANTOMS, data_seed=7, model_seed=1, he_init=True))
+
+
+@pytest.fixture(scope='module')
+def full(setup):
+    """The full 11×11 sweep, both criteria scored: it gives the full choice of every objective."""
+    folder, data, checkpoint = setup
+    return run_sweep(open_source(checkpoint, data, quiet=True), GRID, GRID, progress=False, batch_size=BATCH,
+                     objective='pareto', perturbation=PERTURBATION)
+
+
+#: The objectives raced, what is scored for each, and the largest share of the full grid's (image, setting)
+#: evaluations the race may do. On this random-weight model the settings' faithfulness gaps lie within a few
+#: hundredths of each other (paired t ≤ 4.2 against the leader on all 48 images, below the 4.1–7 the correction needs
+#: in rounds 1–5), so no setting leaves those races: they save only the test split (48·121 + 38 of 86·121 = 0.56).
+RACES = [('iou', 'localisation', 0.5), ('faithfulness', 'faithfulness', 0.57), ('pareto', 'both', 0.57)]
+
+
+@pytest.mark.parametrize('objective, criteria, share', RACES)
+def test_race_chooses_as_the_full_sweep_with_less_work(setup, full, objective, criteria, share, monkeypatch):
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    maps, perturbed = [], []
+    original_relevance, original_columns = SweepEngine.iter_relevance, faithfulness.columns
+
+    def counted_relevance(engine, *arguments, **options):
+        for item in original_relevance(engine, *arguments, **options):
+            maps.append(item[2].shape[0])
+            yield item
+
+    def counted_columns(model, images, relevance, *arguments, **options):
+        perturbed.append(relevance.shape[0] * relevance.shape[1])
+        return original_columns(model, images, relevance, *arguments, **options)
+
+    monkeypatch.setattr(SweepEngine, 'iter_relevance', counted_relevance)
+    monkeypatch.setattr(faithfulness, 'columns', counted_columns)
+    out = folder / f'race_{objective}'
+    raced = run_sweep(source, GRID, GRID, out=str(out), progress=False, batch_size=BATCH, objective=objective,
+                      criteria=criteria, perturbation=PERTURBATION, race=True)
+    expected = FULL_CHOICE[objective](full)
+    assert (raced.best['epsilon'], raced.best['gamma']) == (expected['epsilon'], expected['gamma'])
+
+    record = raced.choice['race']
+    validation, test = len(source.split.val), len(source.split.test)
+    assert record['full_grid_evaluations'] == {'val': validation * 121, 'test': test * 121,
+                                               'total': (validation + test) * 121}
+    assert record['evaluations']['total'] <= share * record['full_grid_evaluations']['total']
+    # the skipped work is skipped: one relevance map (and, scored, one perturbation) per evaluation, no more
+    assert sum(maps) == record['evaluations']['total']
+    assert sum(perturbed) == (record['evaluations']['total'] if criteria != 'localisation' else 0)
+    assert record['rounds'] == 5 and [entry['images'] for entry in record['history']] == [10, 20, 30, 40, 48]
+
+    table = read_csv(out / 'sweep.csv')
+    assert sum(int(row['val_images']) for row in table) == record['evaluations']['val']
+    chosen = [row for row in table if row['test_images'] == str(test)]
+    assert len(chosen) == 1 and (float(chosen[0]['epsilon']), float(chosen[0]['gamma'])) == \
+        (expected['epsilon'], expected['gamma'])
+    column = 'test_iou' if criteria != 'faithfulness' else 'test_faithfulness_gap'
+    assert all(row[column] == '' and row['test_images'] == '0' for row in table if row is not chosen[0])
+    for row in table:  # a setting that stayed saw every validation image; one that left, the rounds until it left
+        if row['left_round'] == '':
+            assert row['val_images'] == str(validation) and row['beaten_by'] == ''
+        else:
+            assert int(row['val_images']) == record['history'][int(row['left_round']) - 1]['images']
+            rival = next(other for other in table if f'eps={float(other["epsilon"]):g},gamma='
+                         f'{float(other["gamma"]):g},q={float(other["quantile"]):g}' == row['beaten_by'])
+            assert rival['left_round'] == '' or int(rival['left_round']) >= int(row['left_round'])
+    assert record['stayed'] == sum(row['left_round'] == '' for row in table) == record['history'][-1]['alive']
+
+
+def race_command(data, checkpoint, out, *extra):
+    return [sys.executable, '-m', 'lrp_brain', 'sweep', '--data', data, '--checkpoint', checkpoint, '--out', str(out),
+            '--eps', ','.join(map(str, GRID)), '--gamma', ','.join(map(str, GRID)), '--metrics', 'localisation',
+            '--batch-size', str(BATCH), '--device', 'cpu', '--quiet', '--race', *extra]
+
+
+def test_killed_race_resumes_to_the_same_table(setup):
+    """Killed after its second round, a race resumes from the row log: the eliminations are decided again from the
+    logged rows, and the table and the race record are those of an uninterrupted race."""
+    folder, data, checkpoint = setup
+    reference = subprocess.run(race_command(data, checkpoint, folder / 'uninterrupted'), capture_output=True,
+                               text=True, env=ENVIRONMENT)
+    assert reference.returncode == 0, reference.stderr
+    assert 'race:' in reference.stdout
+    out = folder / 'killed'
+    process = subprocess.Popen(race_command(data, checkpoint, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=ENVIRONMENT)
+    log = out / 'val.rows.jsonl'
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 2 * BATCH:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / 'sweep.csv').exists(), 'the race finished before it could be killed'
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert 2 * BATCH <= len(logged) < 48
+    finished = subprocess.run(race_command(data, checkpoint, out), capture_output=True, text=True, env=ENVIRONMENT)
+    assert finished.returncode == 0, finished.stderr
+    assert read_csv(out / 'sweep.csv') == read_csv(folder / 'uninterrupted' / 'sweep.csv')
+    race = json.loads((out / 'choice.json').read_text())['race']
+    assert race == json.loads((folder / 'uninterrupted' / 'choice.json').read_text())['race']
+    # every logged row holds the settings that were still in the race when it was computed
+    alive = [121] + [entry['alive'] for entry in race['history']]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [len(row['scores']) for row in rows] == [alive[index // BATCH] for index in range(len(rows))]
+
+
+def test_race_in_two_processes_equals_one(setup):
+    folder, data, checkpoint = setup
+    arguments = race_command(data, checkpoint, folder / 'one', '--round-batches', '2')[1:]
+    run(arguments)
+    run([*arguments[:arguments.index('--out') + 1], str(folder / 'two'), *arguments[arguments.index('--out') + 2:]],
+        processes=2)
+    assert read_csv(folder / 'two' / 'sweep.csv') == read_csv(folder / 'one' / 'sweep.csv')
+    one, two = (json.loads((folder / name / 'choice.json').read_text()) for name in ('one', 'two'))
+    assert two.pop('processes') == 2 and one.pop('processes') == 1
+    assert two == one and one['race']['rounds'] == 3
+
+
+def test_race_settings_are_checked_before_any_work(setup, tmp_path):
+    folder, data, checkpoint = setup
+    source = open_source(checkpoint, data, quiet=True)
+    with pytest.raises(SweepError, match=r'confidence must be a number in \(0, 1\), got 1.5'):
+        run_sweep(source, (0.,), (0.,), out=str(tmp_path / 'bad'), race=True, confidence=1.5)
+    with pytest.raises(SweepError, match='round_batches must be an integer >= 1, got 0'):
+        run_sweep(source, (0.,), (0.,), out=str(tmp_path / 'bad'), race=True, round_batches=0)
+    assert not (tmp_path / 'bad').exists()
+
+
+# --- the study's cost -----------------------------------------------------------------------------------------------
+
+def test_study_cost_by_hand():
+    """1 ms relevance and 3 ms faithfulness per (image, setting) at batch 2 (the rows hold the batch's seconds); a
+    curve that keeps half the settings after 10 images and a quarter after 20, on 40 validation images."""
+    from lrp_brain.bench import BenchResult, BenchRow, study_cost
+
+    rows = tuple(BenchRow(name, seconds, seconds, 1., 1.) for name, seconds in
+                 (('gradient', 1.), ('lrp_brain sweep', 0.002), ('faithfulness MoRF+LeRF', 0.006)))
+    result = BenchResult(rows, 'cpu', {'batch': 2}, {})
+    cost = study_cost(result, settings=100, images=40, test_images=30, survival=((10, 0.5), (20, 0.25)))
+    assert (cost.relevance_seconds, cost.faithfulness_seconds) == (0.001, 0.003)
+    assert cost.full_hours == pytest.approx(70 * 100 * 0.004 / 3600)
+    # validation: 10 images × 100 settings + 10 × 50 + 20 × 25 = 2000 evaluations; test: 30 for the chosen one
+    assert cost.race_hours == pytest.approx((2000 + 30) * 0.004 / 3600)
+    assert cost.race_fraction == pytest.approx(2030 / 7000)

@@ -149,7 +149,8 @@ def test_randomisation_test_on_the_demo_model():
             assert result.summary()[method][measure][-1] < 0.8
     exported = result.to_dict()
     assert exported['stages'][0] == 'original' and len(exported['mean']['lrp']['ssim']) == 7
-    assert exported['settings'] == {'epsilon': 0.25, 'gamma': 0.1, 'seed': 0}
+    assert exported['settings'] == {'epsilon': 0.25, 'gamma': 0.1, 'seed': 0,
+                                    'contrast': {'lrp': None, 'gradient': None}}
     assert all(torch.equal(value, load_demo_model()[0].state_dict()[key]) for key, value in model.state_dict().items())
 
 
