@@ -5,8 +5,8 @@ For every image of a split the model is explained (LRP with :class:`~lrp_brain.c
 baseline), the map is scored against the tumour mask with :func:`lrp_brain.metrics.evaluate_maps` (localisation) and
 by region perturbation with :func:`lrp_brain.faithfulness.morf_lerf` (faithfulness: MoRF and LeRF AUC and their
 gap), and one row is written per image. The summary holds means, standard deviations and bootstrap confidence
-intervals, overall and per class, and counts the images left out of each mean and why. A killed run resumes from its row log (see
-:mod:`lrp_brain.outputs`); the result does not depend on where it was interrupted.
+intervals, overall and per class, and counts the images left out of each mean and why. A killed run resumes from its
+row log (see :mod:`lrp_brain.outputs`); the result does not depend on where it was interrupted.
 
 The model and the data are opened by :mod:`lrp_brain.sources`.
 """

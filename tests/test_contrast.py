@@ -235,7 +235,7 @@ def test_one_class_model_is_refused():
     assert explain(model, images, target=0).relevance.abs().max() > 0
 
 
-# --- the sweep engine --------------------------------------------------------------------------------------------------
+# --- the sweep engine -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('contrast', [None, 'sglrp', 'clrp'])
 def test_sweep_engine_equals_the_composite_with_contrast(small_vgg16, contrast):
