@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from lrp_brain import faithfulness, sweep_engine
+from lrp_brain.model import DEMO_MODEL_PATH
+from lrp_brain.phantom import write_phantoms
 from lrp_brain.race import RaceError, comparison_level, eliminate, lower_bounds
 from lrp_brain.sources import open_source
 from lrp_brain.sweep import SweepError, run_sweep
@@ -144,14 +146,23 @@ def test_engine_subset_skips_the_work_of_other_settings(monkeypatch):
 
 # --- the raced sweep against the full one ---------------------------------------------------------------------------
 
-#: 11 values over five decades: an 11×11 grid whose settings differ enough for a race on a few dozen images.
+#: The cheap setup of the resume and torchrun races: 11 values over five decades for both ε and γ.
 GRID = (0., 0.001, 0.01, 0.03, 0.1, 0.3, 1., 3., 10., 30., 100.)
 
 #: 240 phantoms give 48 validation and 38 test images; batches of 10 make 5 rounds.
 PHANTOMS, BATCH = 240, 10
 
-#: Short perturbation curves keep the faithfulness races affordable here.
-PERTURBATION = {'steps': 4}
+#: The 11×11 grid the choices are raced on: ε over five decades; γ from −0.9 to 10. The seed study swept negative γ
+#: too (−100 … 100 in steps of 20), but there |γ| ≫ 1 makes ``w + γ·w⁺`` the z⁺ rule again, numerator and denominator
+#: alike; in (−1, 0) it shrinks the excitatory weights (``(1 + γ)·w⁺ + w⁻``), the rule that changes the map most. On
+#: the positive grid alone the settings' gaps lie within a few hundredths (every race keeps most of them; measured:
+#: 54 % of the work for faithfulness, 56 % for pareto on these images), so these clearly worse settings are what a
+#: race can show its savings on.
+EPSILONS = GRID
+GAMMAS = (-0.9, -0.75, -0.5, -0.25, -0.1, 0., 0.03, 0.1, 0.25, 1., 10.)
+
+#: Short perturbation curves of 16 × 16 patches (16 of them at 64 px) keep the faithfulness races affordable here.
+PERTURBATION = {'steps': 4, 'patch_size': 16}
 
 #: How the full sweep's table chooses under each objective (the Pareto choice is the full sweep's own).
 FULL_CHOICE = {
@@ -163,28 +174,38 @@ FULL_CHOICE = {
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
+    """Phantoms and a random (He-initialised) small VGG16: cheap, for the races scored by IoU alone."""
     folder = tmp_path_factory.mktemp('race')
     return (folder, *write_setup(folder, phantoms=PHANTOMS, data_seed=7, model_seed=1, he_init=True))
 
 
 @pytest.fixture(scope='module')
-def full(setup):
+def trained(tmp_path_factory):
+    """The demo model (trained on phantoms, 64 px input) and 240 phantoms of 256 px, which it classifies (all 48
+    validation images right, the target logit ≥ 3.1). A random model's maps are no more faithful than chance whatever
+    the setting, and phantoms written at 64 px are foreign to the demo model (it gets 69 % of them right; a target
+    logit near 0 then inflates the normalised AUCs to ±20): neither leaves a race anything true to find."""
+    folder = tmp_path_factory.mktemp('race_trained')
+    write_phantoms(folder / 'phantoms', PHANTOMS, seed=7, sizes=(256,), quiet=True)
+    return folder, str(folder / 'phantoms'), str(DEMO_MODEL_PATH)
+
+
+@pytest.fixture(scope='module')
+def full(trained):
     """The full 11×11 sweep, both criteria scored: it gives the full choice of every objective."""
-    folder, data, checkpoint = setup
-    return run_sweep(open_source(checkpoint, data, quiet=True), GRID, GRID, progress=False, batch_size=BATCH,
-                     objective='pareto', perturbation=PERTURBATION)
+    folder, data, checkpoint = trained
+    return run_sweep(open_source(checkpoint, data, quiet=True), EPSILONS, GAMMAS, progress=False, batch_size=BATCH,
+                     objective='pareto', perturbation=PERTURBATION, allow_negative=True)
 
 
 #: The objectives raced, what is scored for each, and the largest share of the full grid's (image, setting)
-#: evaluations the race may do. On this random-weight model the settings' faithfulness gaps lie within a few
-#: hundredths of each other (paired t ≤ 4.2 against the leader on all 48 images, below the 4.1–7 the correction needs
-#: in rounds 1–5), so no setting leaves those races: they save only the test split (48·121 + 38 of 86·121 = 0.56).
-RACES = [('iou', 'localisation', 0.5), ('faithfulness', 'faithfulness', 0.57), ('pareto', 'both', 0.57)]
+#: evaluations the race may do: the issue's half.
+RACES = [('iou', 'localisation', 0.5), ('faithfulness', 'faithfulness', 0.5), ('pareto', 'both', 0.5)]
 
 
 @pytest.mark.parametrize('objective, criteria, share', RACES)
-def test_race_chooses_as_the_full_sweep_with_less_work(setup, full, objective, criteria, share, monkeypatch):
-    folder, data, checkpoint = setup
+def test_race_chooses_as_the_full_sweep_with_less_work(trained, full, objective, criteria, share, monkeypatch):
+    folder, data, checkpoint = trained
     source = open_source(checkpoint, data, quiet=True)
     maps, perturbed = [], []
     original_relevance, original_columns = SweepEngine.iter_relevance, faithfulness.columns
@@ -201,8 +222,8 @@ def test_race_chooses_as_the_full_sweep_with_less_work(setup, full, objective, c
     monkeypatch.setattr(SweepEngine, 'iter_relevance', counted_relevance)
     monkeypatch.setattr(faithfulness, 'columns', counted_columns)
     out = folder / f'race_{objective}'
-    raced = run_sweep(source, GRID, GRID, out=str(out), progress=False, batch_size=BATCH, objective=objective,
-                      criteria=criteria, perturbation=PERTURBATION, race=True)
+    raced = run_sweep(source, EPSILONS, GAMMAS, out=str(out), progress=False, batch_size=BATCH, objective=objective,
+                      criteria=criteria, perturbation=PERTURBATION, race=True, allow_negative=True)
     expected = FULL_CHOICE[objective](full)
     assert (raced.best['epsilon'], raced.best['gamma']) == (expected['epsilon'], expected['gamma'])
 
