@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(session, config, items):
     ours = [item for item in items
             if getattr(getattr(item, 'callspec', None), 'params', {}).get('any_composite') is lrp_brain.VGGComposite]
     if not ours:
-        raise pytest.UsageError("no collected test uses COMPOSITES['lrp_brain_vgg']: the plugin was loaded too late, or "
-                                "the tests no longer take every registered composite")
+        raise pytest.UsageError("no collected test uses COMPOSITES['lrp_brain_vgg']: the plugin was loaded too late, "
+                                "or the tests no longer take every registered composite")
     config.pluginmanager.get_plugin('terminalreporter').write_line(
         f"{len(ours)} of the {len(items)} tests use COMPOSITES['lrp_brain_vgg']")

@@ -27,7 +27,9 @@ from lrp_brain.versions import library_versions
 CRITERIA = ('localisation', 'faithfulness')
 
 
-def _batch(dataset, indices):
+def stack_batch(dataset, indices):
+    """The dataset's items at ``indices`` stacked into one batch: ``image`` (N, C, S, S), ``mask`` (N, S, S, see
+    :func:`stack_masks`), ``label`` (N,), and the lists ``patient`` and ``path``."""
     items = [dataset[index] for index in indices]
     return {
         'image': torch.stack([item['image'] for item in items]),
@@ -188,7 +190,7 @@ def evaluate(source, part='test', *, method='lrp', epsilon=0.25, gamma=0.1, quan
     model = source.model.to(device).eval()
 
     def compute(indices):
-        batch = _batch(dataset, indices)
+        batch = stack_batch(dataset, indices)
         explanation = explain(
             source.model, batch['image'], target=target, labels=batch['label'], method=method, epsilon=epsilon,
             gamma=gamma, low=low, high=high, batch_size=batch_size, device=device, composite_kwargs=composite_kwargs,

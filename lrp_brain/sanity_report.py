@@ -8,10 +8,9 @@ randomised depth, one line per method.
 """
 import os
 
-import torch
-
-from lrp_brain.outputs import atomic_write_json
 from lrp_brain.contrast import check_contrast
+from lrp_brain.evaluate import stack_batch
+from lrp_brain.outputs import atomic_write_json
 from lrp_brain.sanity import CONTRASTED, MEASURES, SanityError, class_sensitivity, randomisation_test
 from lrp_brain.versions import library_versions
 
@@ -26,9 +25,8 @@ def _first_images(source, part, count):
         raise SanityError(f'count must be an integer >= 1, got {count!r}')
     if len(dataset) == 0:
         raise SanityError(f'the {part} split of {source.data} holds no images')
-    items = [dataset[index] for index in range(min(count, len(dataset)))]
-    return torch.stack([item['image'] for item in items]), torch.tensor([item['label'] for item in items]), \
-        [item['path'] for item in items]
+    batch = stack_batch(dataset, range(min(count, len(dataset))))
+    return batch['image'], batch['label'], batch['path']
 
 
 def run_sanity(source, part='test', count=16, *, methods=DEFAULT_METHODS, epsilon=0.25, gamma=0.1, seed=0,

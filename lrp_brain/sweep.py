@@ -17,7 +17,7 @@ import torch
 
 from lrp_brain import distributed, faithfulness
 from lrp_brain.contrast import ContrastError, check_contrast
-from lrp_brain.evaluate import check_criteria, stack_masks
+from lrp_brain.evaluate import check_criteria, stack_batch
 from lrp_brain.faithfulness import COLUMNS as FAITHFULNESS
 from lrp_brain.metrics import METRICS
 from lrp_brain.outputs import atomic_write_csv, atomic_write_json, exclusive
@@ -153,12 +153,10 @@ def _score_part(source, part, engine, quantiles, *, batch_size, device, out, ide
         keep = set(race.active) if race is not None else None if settings is None else set(settings)
         pairs = _engine_settings(engine, quantiles, keep)
         last = {gamma_index: eps_index for eps_index, gamma_index in sorted(pairs)}  # the last ε of each γ
-        items = [dataset[index] for index in indices]
-        images = torch.stack([item['image'] for item in items]).to(device)
-        masks = stack_masks(items)
-        labels = torch.tensor([item['label'] for item in items])
+        batch = stack_batch(dataset, indices)
+        images, masks, labels = batch['image'].to(device), batch['mask'], batch['label']
         names = [keys[i] for i in indices]
-        scores = [{} for _ in items]
+        scores = [{} for _ in indices]
         # the maps of one γ (all its ε's) are perturbed together: one stack of forward passes, on the device
         pending = []
         for eps_index, gamma_index, relevance in engine.iter_relevance(images, labels.to(device), settings=pairs):
@@ -182,8 +180,8 @@ def _score_part(source, part, engine, quantiles, *, batch_size, device, out, ide
                     score.setdefault(key, {}).update({name: float(values[name][position]) for name in METRICS})
         if keep is not None:  # an active (ε, γ) may have quantiles that left
             scores = [{key: values for key, values in score.items() if key in keep} for score in scores]
-        return [{'file': keys[index], 'label': item['label'], 'scores': score}
-                for index, item, score in zip(indices, items, scores)]
+        return [{'file': keys[index], 'label': label, 'scores': score}
+                for index, label, score in zip(indices, labels.tolist(), scores)]
 
     count = len(engine.epsilons) * len(engine.gammas) * len(quantiles) if settings is None else len(settings)
     return distributed.batch_rows(

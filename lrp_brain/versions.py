@@ -4,7 +4,6 @@ from importlib import metadata
 
 import numpy
 import torch
-import zennit
 
 
 def zennit_version():

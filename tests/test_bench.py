@@ -55,6 +55,14 @@ def test_settings_versions_and_table(tiny_run, tiny_result):
         assert method in table
     assert 'peak memory' in table and tiny_result.device in table
     assert tiny_result.versions['zennit'] in table
+    # the study estimate: the full sweep once, then one raced line per objective's measured drop-out curve
+    costs = {objective: bench.study_cost(tiny_result, curve) for objective, curve in bench.RACE_SURVIVAL.items()}
+    lines = table.splitlines()
+    assert lines[-5].startswith(f'study estimate on {tiny_result.device}: 121 settings x (460 validation + 460 test')
+    assert lines[-4] == f'  full sweep: {costs["iou"].full_hours:.2f} h'
+    assert [line.split(':')[0] for line in lines[-4:]] == ['  full sweep'] + [
+        f'  raced by {objective} (its demo drop-out curve, chosen setting alone on test)' for objective in costs]
+    assert costs['iou'].race_fraction < costs['faithfulness'].race_fraction < 1
 
 
 def test_cpu_peak_memory_counts_what_a_call_holds_at_once():
