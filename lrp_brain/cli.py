@@ -2,6 +2,8 @@
 
 Each command parses its arguments, calls the API and prints; no logic lives here.
 """
+import codecs
+import sys
 from contextlib import contextmanager
 
 import click
@@ -11,6 +13,17 @@ import click
 @click.version_option(package_name='lrp-brain')
 def main():
     """LRP explanations for VGG16 brain-tumour MRI classifiers, and how well they land on the tumour."""
+    _print_any_file_name()
+
+
+def _print_any_file_name():
+    """Let the output streams print every file name: a name that is not valid UTF-8 reaches Python as surrogates
+    (``os.fsdecode``), which a strict stream refuses with a UnicodeEncodeError. A UTF-8 stream writes them back as the
+    name's own bytes; any other escapes what it cannot encode."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, 'reconfigure'):
+            utf8 = codecs.lookup(stream.encoding or 'ascii').name == 'utf-8'
+            stream.reconfigure(errors='surrogateescape' if utf8 else 'backslashreplace')
 
 
 # Commands are added below, one block per command, in the order: explain, evaluate, sweep, train, check, sanity,

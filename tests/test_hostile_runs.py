@@ -75,6 +75,23 @@ def write_png(path, seed):
     imsave(path, pixels, check_contrast=False)
 
 
+@pytest.mark.parametrize('encoding, printed', [('utf-8', b'\xff\xfe.png'), ('latin-1', b'\\udcff\\udcfe.png')])
+def test_a_file_name_that_is_not_utf8_is_printed_not_a_traceback(setup, tmp_path, encoding, printed):
+    """A file whose name holds bytes that are no UTF-8 (0xFF 0xFE), explained with a strict output stream
+    (``PYTHONIOENCODING``): the UTF-8 stream prints the name's own bytes, the Latin-1 one escapes them (and the ε of
+    the summary line, which it cannot encode either)."""
+    folder, data, checkpoint, _ = setup
+    name = os.fsdecode(b'\xff\xfe.png')
+    write_png(tmp_path / name, 0)
+    result = subprocess.run([sys.executable, '-m', 'lrp_brain', 'explain', str(tmp_path / name), '--checkpoint',
+                             checkpoint, '--out', str(tmp_path / 'out')], capture_output=True,
+                            env={**ENVIRONMENT, 'PYTHONIOENCODING': encoding}, timeout=300)
+    assert result.returncode == 0, result.stderr.decode(errors='replace')
+    assert b'Traceback' not in result.stderr
+    assert b'wrote ' + os.fsencode(tmp_path / 'out') + b'/' + printed in result.stdout
+    assert sorted(os.listdir(os.fsencode(tmp_path / 'out'))) == [b'\xff\xfe.png.npy', b'\xff\xfe.png.png']
+
+
 # --- 1. one naming scheme: outputs never collide and say which input they belong to --------------------------------
 
 def test_explain_outputs_never_collide_and_name_their_input(setup, tmp_path):
