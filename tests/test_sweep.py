@@ -98,14 +98,16 @@ def test_seed_study_grid_is_the_studys():
 def test_seed_study_preset_states_its_bias(setup, tmp_path, monkeypatch):
     from click.testing import CliRunner
     from lrp_brain.cli import main
+    from lrp_brain.data import PatientLeakageWarning
 
     # the study's protocol on a 3x3 corner of its grid (the full 11x11 grid at 256 px takes minutes here)
     monkeypatch.setitem(SEED_STUDY, 'epsilons', (-100., 0., 100.))
     monkeypatch.setitem(SEED_STUDY, 'gammas', (-100., 0., 100.))
     folder, data, checkpoint = setup
     out = tmp_path / 'study'
-    result = CliRunner().invoke(main, ['sweep', '--seed-study', '--data', data, '--checkpoint', checkpoint,
-                                       '--out', str(out), '--quiet', '--device', 'cpu', '--batch-size', '8'])
+    with pytest.warns(PatientLeakageWarning, match='patient leakage'):  # the random file split says what it costs
+        result = CliRunner().invoke(main, ['sweep', '--seed-study', '--data', data, '--checkpoint', checkpoint,
+                                           '--out', str(out), '--quiet', '--device', 'cpu', '--batch-size', '8'])
     assert result.exit_code == 0, result.output
     assert 'biased' in result.output and 'patient' in result.output
     choice = json.loads((out / 'choice.json').read_text())
