@@ -14,7 +14,8 @@ from lrp_brain.sweep import SEED_STUDY, SweepError, pareto_choice, pareto_front,
 
 from command_setup import read_csv, write_setup
 
-pytestmark = pytest.mark.zennit_both
+# The tests whose numbers pass through Zennit's hooks (the engine's layer groups, the composite it is checked against)
+# are marked zennit_both and run under both Zennit versions; the protocol, resume and arithmetic tests run once.
 
 EPSILONS, GAMMAS = (0., 0.25, 10.), (0., 0.1, 1.)
 
@@ -32,6 +33,7 @@ def result(setup):
     return run_sweep(source, EPSILONS, GAMMAS, out=str(folder / 'full'), progress=False, batch_size=4)
 
 
+@pytest.mark.zennit_both
 def test_outputs_and_honest_choice(setup, result):
     folder = setup[0] / 'full'
     table = read_csv(folder / 'sweep.csv')
@@ -47,6 +49,7 @@ def test_outputs_and_honest_choice(setup, result):
     assert result.best['val_iou'] == max(row['val_iou'] for row in result.table)
 
 
+@pytest.mark.zennit_both
 @pytest.mark.parametrize('epsilon, gamma', [(0.25, 0.1), (10., 0.)])
 def test_sweep_equals_single_evaluations(setup, result, epsilon, gamma):
     """The engine's numbers equal the composite's, through the whole evaluate path."""
@@ -118,6 +121,7 @@ def test_seed_study_preset_states_its_bias(setup, tmp_path, monkeypatch):
     assert len(read_csv(out / 'sweep.csv')) == 9
 
 
+@pytest.mark.zennit_both
 def test_nan_relevance_stops_the_sweep_naming_image_and_setting(setup, tmp_path):
     """A network whose first convolution is all zero (and whose biases are zero) outputs 0 in every layer; ε·std(z)
     is then 0 / 0. The sweep stops with the image and the setting instead of passing NaN on."""
@@ -152,6 +156,7 @@ def test_pareto_front_and_choice_by_hand():
     assert best['name'] == 'b' and len(front) == 3
 
 
+@pytest.mark.zennit_both
 def test_faithfulness_objective_ignores_the_masks(setup):
     """Scored by faithfulness alone (masks ignored), the choice is the setting with the largest mean validation gap,
     and no localisation column exists."""
@@ -172,6 +177,7 @@ def test_faithfulness_objective_ignores_the_masks(setup):
         run_sweep(source, (0.,), (0.,), progress=False, objective='auc')
 
 
+@pytest.mark.zennit_both
 def test_pareto_objective_chooses_on_the_front(setup, result):
     folder, data, checkpoint = setup
     source = open_source(checkpoint, data, quiet=True)
