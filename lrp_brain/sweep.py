@@ -169,10 +169,10 @@ def _score_part(source, part, engine, quantiles, *, batch_size, device, out, ide
                     pending = []
             if 'localisation' not in criteria:
                 continue
+            relevance = relevance.cpu()  # once for all quantiles
             for quantile in quantiles:
                 try:
-                    values = metrics.evaluate_maps(relevance.cpu(), masks, quantile,
-                                                   names=[keys[i] for i in indices])
+                    values = metrics.evaluate_maps(relevance, masks, quantile, names=names)
                 except metrics.MetricError as error:  # NaN relevance, named by image: add the setting
                     raise _setting_error(error, epsilon, gamma, composite_kwargs) from error
                 key = _setting_key(epsilon, gamma, quantile)
